@@ -1,0 +1,11 @@
+"""phimr_jax: the Phi-4-Mini-Reasoning training recipe in JAX.
+
+Public API: `load_hf(path)` -> model, `save_hf(model, path)`, `ModelConfig`.
+"""
+
+from phimr_jax.model import (CheckpointError, ConfigError, ModelConfig, Phi3ForCausalLM, load_hf,
+                             save_hf)
+
+__version__ = "0.1.0"
+__all__ = ["load_hf", "save_hf", "ModelConfig", "Phi3ForCausalLM", "ConfigError",
+           "CheckpointError"]
