@@ -90,6 +90,19 @@ class ModelConfig:
     def replace(self, **kwargs) -> "ModelConfig":
         return dataclasses.replace(self, **kwargs)
 
+    def to_dict(self) -> dict:
+        """JSON-ready dict of every field (lossless; see from_dict)."""
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"unknown model config fields {sorted(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}).validate()
+
     # ---------------------------------------------------------------- validation
     def validate(self) -> "ModelConfig":
         """Raise ConfigError with a plain message when the architecture is inconsistent."""

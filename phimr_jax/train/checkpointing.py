@@ -1,0 +1,113 @@
+"""Orbax checkpoints of a run: `workdir/checkpoints/<step>/{params, run_info, ...}`.
+
+Every run (convert, the training stages) writes the same layout, so export and the next stage
+can read any of them:
+- `params`: the model's nnx.Param state as a pure dict of (sharded) arrays (StandardSave);
+- `run_info`: JSON with the full ModelConfig (`model`), the stage, and `tokenizer_dir` when the
+  run knows its tokenizer;
+- trainers add their own items (optimizer state, step, RNG, data iterator) beside these.
+Restoring places each array straight into its target sharding; nothing is gathered.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Optional
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from phimr_jax.model.config import ModelConfig
+from phimr_jax.model.phi3 import Phi3ForCausalLM, abstract_model
+from phimr_jax.model.sharding import DEFAULT_RULES, state_shardings
+
+# Files a tokenizer directory may hold (HF fast/slow tokenizers, sentencepiece, chat template).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
+                   "chat_template.jinja", "chat_template.json")
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def manager(workdir: str, max_to_keep: Optional[int] = None, async_save: bool = True,
+            item_names=("params", "run_info")) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=item_names)
+
+
+def run_info(model: Phi3ForCausalLM, stage: str, tokenizer_dir: Optional[str] = None,
+             **extra) -> dict:
+    return {"model": model.config.to_dict(), "stage": stage,
+            "tokenizer_dir": tokenizer_dir or "", **extra}
+
+
+def save_model(workdir: str, model: Phi3ForCausalLM, step: int, info: dict) -> None:
+    """Save params + run_info at `step` and wait until it is on disk."""
+    mngr = manager(workdir, async_save=False)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                            run_info=ocp.args.JsonSave(info)))
+    mngr.wait_until_finished()
+    mngr.close()
+
+
+def latest_step(workdir: str) -> Optional[int]:
+    if not os.path.isdir(checkpoint_dir(workdir)):
+        return None
+    mngr = manager(workdir)
+    step = mngr.latest_step()
+    mngr.close()
+    return step
+
+
+def restore_model(workdir: str, step: Optional[int] = None, mesh=None, rules=DEFAULT_RULES,
+                  ) -> tuple[Phi3ForCausalLM, dict, int]:
+    """(model, run_info, step) from the run's checkpoint `step` (default: the latest)."""
+    ckpt_root = checkpoint_dir(workdir)
+    if not os.path.isdir(ckpt_root):
+        raise FileNotFoundError(f"no checkpoints in run directory {workdir} "
+                                f"(expected {ckpt_root})")
+    mngr = manager(workdir)
+    try:
+        step = mngr.latest_step() if step is None or step < 0 else step
+        if step is None or step not in mngr.all_steps():
+            raise FileNotFoundError(f"checkpoint step {step} not found in {ckpt_root}; "
+                                    f"available: {list(mngr.all_steps())}")
+        info = mngr.restore(step, args=ocp.args.Composite(run_info=ocp.args.JsonRestore()))
+        info = dict(info["run_info"])
+        cfg = ModelConfig.from_dict(info["model"])
+        graphdef, abstract = nnx.split(abstract_model(cfg))
+        params_abstract = nnx.state(abstract, nnx.Param)
+        if mesh is not None:
+            shardings = state_shardings(params_abstract, mesh, rules)
+        else:
+            single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            shardings = jax.tree.map(lambda _: single, params_abstract,
+                                     is_leaf=lambda x: isinstance(x, nnx.Variable))
+        target = jax.tree.map(
+            lambda v, s: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype,
+                                              sharding=s),
+            params_abstract, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        restored = mngr.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(nnx.to_pure_dict(target))))
+    finally:
+        mngr.close()
+    nnx.replace_by_pure_dict(params_abstract, restored["params"])
+    return nnx.merge(graphdef, params_abstract), info, step
+
+
+def copy_tokenizer_files(src: str, dst: str) -> list:
+    """Copy the tokenizer files found in `src` to `dst`; returns the names copied."""
+    if not src or not os.path.isdir(src):
+        return []
+    names = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
+    if names:
+        os.makedirs(dst, exist_ok=True)
+        for name in names:
+            shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+    return names
