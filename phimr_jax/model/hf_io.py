@@ -207,12 +207,16 @@ def _fetcher(ckpt: _Checkpoint, src: _Source, shape: tuple, dtype,
              cfg: ModelConfig) -> Callable[[tuple], np.ndarray]:
     def fetch(index: tuple) -> np.ndarray:
         if not src.stacked:
-            block = _read_block(ckpt, src, 0, index, shape, cfg)
-        else:
-            layers = range(*_norm(index[0], shape[0]).indices(shape[0]))
-            block = np.stack([_read_block(ckpt, src, layer, index[1:], shape[1:], cfg)
-                              for layer in layers])
-        return np.ascontiguousarray(block.astype(dtype, copy=False))
+            return np.ascontiguousarray(_read_block(ckpt, src, 0, index, shape, cfg), dtype)
+        # Fill a preallocated shard layer by layer: host memory is this shard + one layer block.
+        layers = range(*_norm(index[0], shape[0]).indices(shape[0]))
+        out = None
+        for i, layer in enumerate(layers):
+            block = _read_block(ckpt, src, layer, index[1:], shape[1:], cfg)
+            if out is None:
+                out = np.empty((len(layers),) + block.shape, dtype)
+            out[i] = block
+        return out
     return fetch
 
 
@@ -245,7 +249,9 @@ def load_hf(path: str, dtype="float32", *, compute_dtype=None, mesh=None,
         shape = tuple(var.get_value().shape)
         fetch = _fetcher(ckpt, sources[name], shape, var.get_value().dtype, cfg)
         arr = jax.make_array_from_callback(shape, sharding, fetch)
-        return var.replace(arr)
+        # Transfers are asynchronous: without waiting, the host blocks of every parameter stay
+        # alive until their copies finish, i.e. up to a second full copy of the checkpoint.
+        return var.replace(arr.block_until_ready())
 
     state = jax.tree.map_with_path(place, abstract, shardings,
                                    is_leaf=lambda x: isinstance(x, nnx.Variable))
