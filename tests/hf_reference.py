@@ -36,7 +36,7 @@ def hf_logits(model, ids, positions=None) -> np.ndarray:
     with torch.no_grad():
         kwargs = {}
         if positions is not None:
-            kwargs["position_ids"] = torch.as_tensor(np.asarray(positions), dtype=torch.long)
+            kwargs["position_ids"] = torch.tensor(np.array(positions), dtype=torch.long)
         out = model(input_ids=torch.as_tensor(np.asarray(ids), dtype=torch.long), **kwargs)
     return out.logits.float().numpy()
 
