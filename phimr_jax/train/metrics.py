@@ -1,0 +1,101 @@
+"""Metrics: clu collections for averaging, `workdir/metrics.jsonl` always, TensorBoard when
+TensorFlow is importable (clu's writers need it; the GPU image has none), console progress."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import jax
+import numpy as np
+from clu import metrics as clu_metrics
+
+log = logging.getLogger(__name__)
+METRICS_FILE = "metrics.jsonl"
+
+
+def averaging_collection(names) -> type:
+    """A clu Collection that averages each named scalar over the steps of a log window."""
+    return clu_metrics.Collection.create(
+        **{name: clu_metrics.Average.from_output(name) for name in names})
+
+
+class MetricWriter:
+    """Writes one JSON object per logged step (process 0 only), and TensorBoard if possible."""
+
+    def __init__(self, workdir: str, tensorboard: bool = True):
+        self.enabled = jax.process_index() == 0
+        self.path = os.path.join(workdir, METRICS_FILE)
+        self._tb = None
+        if not self.enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        if tensorboard:
+            try:
+                from clu import metric_writers  # imports TensorFlow
+                self._tb = metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard"))
+            except ImportError as e:
+                log.warning("TensorBoard output skipped (%s); metrics go to %s", e, self.path)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop lines logged after `step` (a resumed run re-logs them identically)."""
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= step]
+        with open(self.path, "w") as f:
+            f.writelines(lines)
+
+    def write(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: _to_python(v) for k, v in values.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": int(step), **clean}) + "\n")
+        if self._tb is not None:
+            self._tb.write_scalars(step, {k: v for k, v in clean.items()
+                                          if isinstance(v, (int, float))})
+            self._tb.flush()
+
+
+def _to_python(v):
+    if isinstance(v, (np.ndarray, jax.Array)) or np.isscalar(v):
+        arr = np.asarray(v)
+        return arr.item() if arr.ndim == 0 else arr.tolist()
+    return v
+
+
+def read_metrics(workdir: str) -> list:
+    with open(os.path.join(workdir, METRICS_FILE)) as f:
+        return [json.loads(ln) for ln in f if ln.strip()]
+
+
+class Progress:
+    """Console progress: steps/s, tokens/s and ETA over the last log window."""
+
+    def __init__(self, total_steps: int, start_step: int):
+        self.total = total_steps
+        self._t, self._step, self._tokens = time.time(), start_step, 0.0
+
+    def add_tokens(self, n: float) -> None:
+        self._tokens += n
+
+    def report(self, step: int) -> dict:
+        now = time.time()
+        dt = max(now - self._t, 1e-9)
+        sps = (step - self._step) / dt
+        out = {"steps_per_sec": sps, "tokens_per_sec": self._tokens / dt}
+        eta = (self.total - step) / sps if sps > 0 else float("inf")
+        log.info("step %d/%d  %.2f steps/s  %.0f tokens/s  ETA %s", step, self.total, sps,
+                 out["tokens_per_sec"], _fmt_eta(eta))
+        self._t, self._step, self._tokens = now, step, 0.0
+        return out
+
+
+def _fmt_eta(seconds: float) -> str:
+    if not np.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}"

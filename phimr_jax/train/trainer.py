@@ -1,0 +1,317 @@
+"""The one trainer every stage uses.
+
+A stage supplies a `Stage`: its data (a grain IterDataset of per-process numpy batches), its
+loss (`loss_fn(model, batch) -> (loss_sum, weight, metric_sums)`, normalised by the trainer with
+`weight_fn(batch)` over the whole global batch, so gradient accumulation is exact), and an
+optional evaluation. The trainer owns everything else:
+
+- mesh from `config.mesh`, parameters sharded by the `config.sharding_rules` table; optimizer
+  state created by a jitted `tx.init` with explicit out-shardings (never on one device);
+- initialisation: resume from `workdir` if it has checkpoints, else `init.checkpoint` (another
+  run), else `init.hf_dir`, else a fresh model from `model.preset`;
+- a jitted step: `grad_accum_steps` microbatches under `lax.scan`, clipping + AdamW (optax),
+  params/opt state donated; mixed precision by the model's dtype policy (f32 master weights);
+- Orbax CheckpointManager (every N steps, keep K, async): params, opt_state, train_state (step,
+  seed), the grain iterator (one file per process) and run_info; on start the latest checkpoint
+  is restored, so a killed run continues bit-exactly; SIGTERM saves and exits cleanly; a
+  non-finite loss stops the run before anything non-finite is saved;
+- metrics averaged over each log window with clu, written to `metrics.jsonl` (+TensorBoard).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+from typing import Callable, Optional
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+from ml_collections import ConfigDict
+
+from phimr_jax.model import sharding
+from phimr_jax.model.config import ModelConfig, preset
+from phimr_jax.model.hf_io import load_hf
+from phimr_jax.model.phi3 import Phi3ForCausalLM, abstract_model, init_model
+from phimr_jax.train import checkpointing
+from phimr_jax.train.metrics import MetricWriter, Progress, averaging_collection
+from phimr_jax.train.optim import make_optimizer, schedule
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the run stopped and kept its last good checkpoint."""
+
+
+@dataclasses.dataclass
+class Stage:
+    """What one stage of the recipe contributes to the shared trainer."""
+
+    name: str
+    # (config, tokenizer) -> (grain IterDataset of per-process batches, stats dict). Stats with
+    # "rows_per_epoch" let total_steps=-1 be derived from data.num_epochs.
+    make_data: Callable
+    loss_fn: Callable  # (model, batch) -> (loss_sum, weight, {metric: sum})
+    weight_fn: Callable  # (batch) -> total weight of the global batch
+    evaluate: Optional[Callable] = None  # (model, tokenizer, config) -> {metric: value}
+    tokenizer_fn: Optional[Callable] = None  # (config, inherited_dir) -> (tokenizer, dir)
+
+
+class _IteratorSnapshot:
+    """The grain iterator's state frozen at save time (saves are asynchronous)."""
+
+    def __init__(self, state):
+        self._state = json.dumps(state).encode()
+
+    def get_state(self) -> bytes:
+        return self._state
+
+
+def _manager(workdir: str, config: ConfigDict) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=config.keep_checkpoints or None, create=True,
+        enable_async_checkpointing=config.async_checkpoint)
+    handlers = {"params": ocp.StandardCheckpointHandler(),
+                "opt_state": ocp.StandardCheckpointHandler(),
+                "train_state": ocp.JsonCheckpointHandler(),
+                "run_info": ocp.JsonCheckpointHandler(),
+                "data_iter": grain.checkpoint.CheckpointHandler()}
+    return ocp.CheckpointManager(checkpointing.checkpoint_dir(workdir), options=options,
+                                 item_handlers=handlers)
+
+
+def with_model_config(model: Phi3ForCausalLM, **changes) -> Phi3ForCausalLM:
+    """The same parameters under a model config with changed dtype policy / remat."""
+    cfg = model.config.replace(**changes).validate()
+    params = nnx.state(model, nnx.Param)
+    if cfg.param_dtype != model.config.param_dtype:
+        params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(cfg.jnp_param_dtype), p))(params)
+    return nnx.merge(nnx.graphdef(abstract_model(cfg)), params)
+
+
+def _init_model(config: ConfigDict, mesh, rules) -> tuple[Phi3ForCausalLM, str, str]:
+    """(model, tokenizer_dir it comes with, description) from init.checkpoint / hf_dir / preset."""
+    pdt = config.model.param_dtype
+    if config.init.checkpoint:
+        model, info, step = checkpointing.restore_model(config.init.checkpoint, None, mesh, rules)
+        return model, info.get("tokenizer_dir", ""), f"run {config.init.checkpoint} step {step}"
+    if config.init.hf_dir:
+        model = load_hf(config.init.hf_dir, dtype=pdt, mesh=mesh, rules=rules)
+        return model, config.init.hf_dir, f"HF {config.init.hf_dir}"
+    overrides = dict(config.model.overrides) if config.model.get("overrides") else {}
+    cfg = preset(config.model.preset, param_dtype=pdt, **overrides)
+    return init_model(cfg, seed=config.seed, mesh=mesh, rules=rules), "", \
+        f"fresh {config.model.preset}"
+
+
+def _opt_shardings(abstract_opt, params_sh: dict, params: dict, mesh):
+    """Optimizer leaves mirroring a parameter (Adam mu/nu) share its sharding; scalars are
+    replicated. Our parameters are a flat {name: array} dict, so the last path key names it."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def one(path, leaf):
+        key = getattr(path[-1], "key", None) if path else None
+        if key in params_sh and tuple(leaf.shape) == tuple(params[key].shape):
+            return params_sh[key]
+        return replicated
+    return jax.tree_util.tree_map_with_path(one, abstract_opt)
+
+
+def _global_batch(local: dict, mesh, rules) -> dict:
+    """Per-process numpy batch -> global jax arrays sharded over the batch axes."""
+    out = {}
+    for k, v in local.items():
+        v = np.asarray(v)
+        global_shape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
+        axes = ("batch", "length")[:v.ndim] + (None,) * max(v.ndim - 2, 0)
+        spec = sharding.logical_to_spec(axes, global_shape, mesh, rules)
+        out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), v, global_shape)
+    return out
+
+
+def _make_step(graphdef, stage: Stage, tx, accum: int):
+    def step(params, opt_state, batch):
+        weight = jnp.maximum(stage.weight_fn(batch), 1e-9)
+        micro = jax.tree.map(
+            lambda x: sharding.constrain(x.reshape(accum, x.shape[0] // accum, *x.shape[1:]),
+                                         (None, "batch", "length")[:x.ndim + 1]), batch)
+
+        def loss_of(p, mb):
+            loss_sum, _, sums = stage.loss_fn(nnx.merge(graphdef, p), mb)
+            return loss_sum / weight, sums
+
+        def micro_step(carry, mb):
+            g_acc, m_acc = carry
+            (_, sums), g = jax.value_and_grad(loss_of, has_aux=True)(params, mb)
+            return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, m_acc, sums)), None
+
+        mb0 = jax.tree.map(lambda x: x[0], micro)
+        sums_shape = jax.eval_shape(lambda p, mb: loss_of(p, mb)[1], params, mb0)
+        zeros = (jax.tree.map(jnp.zeros_like, params),
+                 jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape))
+        (grads, sums), _ = jax.lax.scan(micro_step, zeros, micro)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {k: v / weight for k, v in sums.items()}
+        metrics.update(grad_norm=optax.tree.norm(grads), weight=weight)
+        return params, opt_state, metrics
+    return step
+
+
+def _resolve_total_steps(config: ConfigDict, stats: dict) -> int:
+    if config.total_steps > 0:
+        return int(config.total_steps)
+    rows = stats.get("rows_per_epoch")
+    if not rows:
+        raise ValueError("total_steps=-1 needs the data's rows_per_epoch; set --config.total_steps")
+    return max(1, int(np.ceil(config.data.num_epochs * rows / config.data.global_batch_size)))
+
+
+def train(config: ConfigDict, stage: Stage) -> dict:
+    """Run (or resume) `stage` in `config.workdir`; returns the last logged metrics."""
+    if not config.workdir:
+        raise ValueError("missing required option --config.workdir=...")
+    workdir = os.path.abspath(config.workdir)
+    mesh = sharding.make_mesh(dict(config.mesh))
+    rules = tuple(tuple(r) if not isinstance(r[1], list) else (r[0], tuple(r[1]))
+                  for r in config.sharding_rules)
+    with jax.set_mesh(mesh), sharding.axis_rules(rules):
+        return _train(config, stage, workdir, mesh, rules)
+
+
+def _train(config, stage, workdir, mesh, rules) -> dict:
+    mngr = _manager(workdir, config)
+    resume_step = mngr.latest_step()
+    if resume_step is not None:
+        info = mngr.restore(resume_step, args=ocp.args.Composite(
+            run_info=ocp.args.JsonRestore()))["run_info"]
+        model = nnx.eval_shape(lambda: Phi3ForCausalLM(ModelConfig.from_dict(info["model"]),
+                                                       rngs=nnx.Rngs(0)))
+        tokenizer_dir, source = info.get("tokenizer_dir", ""), info.get("init", "")
+    else:
+        model, tokenizer_dir, source = _init_model(config, mesh, rules)
+    model = with_model_config(model, dtype=config.model.dtype,
+                              remat_policy=config.model.remat_policy) \
+        if resume_step is None else model
+    tokenizer, tokenizer_dir = stage.tokenizer_fn(config, tokenizer_dir)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab is "
+                         f"{model.config.vocab_size}")
+    dataset, stats = stage.make_data(config, tokenizer)
+    total_steps = _resolve_total_steps(config, stats)
+    tx = make_optimizer(config.optim, total_steps)
+    lr_at = schedule(config.optim, total_steps)
+
+    graphdef, params_state = nnx.split(model, nnx.Param)
+    abstract_params = nnx.to_pure_dict(nnx.state(abstract_model(model.config), nnx.Param))
+    params_sh = nnx.to_pure_dict(sharding.state_shardings(
+        nnx.state(abstract_model(model.config), nnx.Param), mesh, rules))
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    opt_sh = _opt_shardings(abstract_opt, params_sh, abstract_params, mesh)
+    data_iter = iter(dataset)
+    info = {"model": model.config.to_dict(), "stage": stage.name, "tokenizer_dir": tokenizer_dir,
+            "init": source, "data_stats": stats}
+    writer = MetricWriter(workdir, tensorboard=config.tensorboard)
+
+    if resume_step is not None:
+        target = lambda tree, sh: jax.tree.map(  # noqa: E731
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)
+        restored = mngr.restore(resume_step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(target(abstract_params, params_sh)),
+            opt_state=ocp.args.StandardRestore(target(abstract_opt, opt_sh)),
+            train_state=ocp.args.JsonRestore(),
+            data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
+        params, opt_state = restored["params"], restored["opt_state"]
+        start_step = int(restored["train_state"]["step"])
+        writer.truncate_after(start_step)
+        log.info("resumed %s from %s step %d", stage.name, workdir, start_step)
+    else:
+        params = nnx.to_pure_dict(params_state)
+        opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+        start_step = 0
+        log.info("%s: initialised from %s; %d steps", stage.name, source, total_steps)
+        writer.write(0, {f"data/{k}": v for k, v in stats.items()
+                         if isinstance(v, (int, float))})
+
+    accum = int(config.optim.grad_accum_steps)
+    if config.data.global_batch_size % (accum * jax.process_count()):
+        raise ValueError("data.global_batch_size must divide into grad_accum_steps x processes")
+    step_fn = jax.jit(_make_step(graphdef, stage, tx, accum), donate_argnums=(0, 1),
+                      out_shardings=(params_sh, opt_sh, None))
+
+    stop = {"signal": False}
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("signal", True)) \
+        if _main_thread() else None
+
+    def save(step, force=False):
+        mngr.save(step, force=force, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+            train_state=ocp.args.JsonSave({"step": step, "seed": config.seed}),
+            data_iter=grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iter.get_state())),
+            run_info=ocp.args.JsonSave(info)))
+
+    collection_type = None
+    window = None
+    progress = Progress(total_steps, start_step)
+    last = {}
+    step = start_step
+    try:
+        while step < total_steps:
+            try:
+                local = next(data_iter)
+            except StopIteration:
+                log.warning("data exhausted at step %d of %d", step, total_steps)
+                break
+            batch = _global_batch(local, mesh, rules)
+            params, opt_state, metrics = step_fn(params, opt_state, batch)
+            step += 1
+            if collection_type is None:
+                collection_type = averaging_collection(sorted(metrics))
+            update = collection_type.single_from_model_output(**metrics)
+            window = update if window is None else window.merge(update)
+            progress.add_tokens(float(np.sum(local.get("segment_ids", local["inputs"]) > 0)))
+            is_last = step == total_steps
+            preempted = stop["signal"] or (jax.process_count() > 1 and mngr.reached_preemption(step))
+            checkpoint_now = is_last or preempted or step % config.checkpoint_every_steps == 0
+            eval_now = bool(stage.evaluate and config.eval_every_steps and (
+                is_last or step % config.eval_every_steps == 0))
+            if step % config.log_every_steps == 0 or checkpoint_now or eval_now:
+                values = {k: float(v) for k, v in window.compute().items()}
+                window = None
+                if not all(np.isfinite(v) for v in values.values()):
+                    raise NonFiniteLossError(
+                        f"non-finite metrics at step {step} ({values}); stopped, last good "
+                        f"checkpoint step {mngr.latest_step()} kept in {workdir}")
+                values["learning_rate"] = float(lr_at(step - 1))
+                values.update(progress.report(step))
+                if eval_now:
+                    model = nnx.merge(graphdef, params)
+                    values.update(stage.evaluate(model, tokenizer, config))
+                writer.write(step, values)
+                last = values
+            if checkpoint_now:
+                save(step, force=True)
+            if preempted:
+                mngr.wait_until_finished()
+                log.warning("SIGTERM: saved step %d and stopping", step)
+                break
+    finally:
+        mngr.wait_until_finished()
+        mngr.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return {"step": step, **last}
+
+
+def _main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
