@@ -1,0 +1,139 @@
+"""Synthetic demo corpus: correct answers (recomputed independently), format, splits, DPO
+negatives."""
+
+import collections
+import json
+import random
+import re
+
+import numpy as np
+import pytest
+
+from phimr_jax.data import demo_corpus
+
+EQUATION = re.compile(r"(\d+) ([-+×÷]) (\d+) = (-?\d+)")
+BOXED = re.compile(r"The answer is \\boxed\{(-?\d+)\}\.$")
+OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "×": lambda a, b: a * b,
+       "÷": lambda a, b: a / b}
+
+
+def _read(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def _independent_answer(problem: str) -> int:
+    """Solve a demo problem without the generator's code: arithmetic problems are evaluated
+    as expressions; each word-problem family by its own formula."""
+    nums = [int(x) for x in re.findall(r"\d+", problem)]
+    if m := re.search(r"(?:What is|Compute|Evaluate|Find the difference) ([-+×()\d ]+)[?.]$",
+                      problem):
+        expr = m.group(1).replace("×", "*")
+        assert re.fullmatch(r"[-+*() \d]+", expr)
+        return eval(expr)  # noqa: S307 - digits and operators only (checked above)
+    if problem.startswith(("Find the sum", "Add ")):
+        return nums[0] + nums[1]
+    if problem.startswith("Subtract"):
+        return nums[1] - nums[0]
+    if problem.startswith("Multiply"):
+        return nums[0] * nums[1]
+    if "bags of" in problem:
+        return nums[0] * nums[1] - nums[2]
+    if "shares them equally" in problem:
+        total = nums[0] + nums[1]
+        assert total % nums[2] == 0
+        return total // nums[2]
+    if "pens at" in problem:
+        return nums[4] - (nums[0] * nums[1] + nums[2] * nums[3])
+    raise AssertionError(f"unknown problem family: {problem}")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    paths = demo_corpus.generate(str(out), n_train=1500, n_heldout=200, seed=3)
+    return paths, _read(paths["train"]), _read(paths["heldout"])
+
+
+def test_records_are_correct_and_well_formed(corpus):
+    _, train, heldout = corpus
+    for r in train + heldout:
+        assert set(r) == {"problem", "solution", "answer", "difficulty", "domain"}
+        gold = _independent_answer(r["problem"])
+        assert gold >= 0 and r["answer"] == str(gold), r
+        assert BOXED.search(r["solution"]).group(1) == r["answer"]
+        steps = EQUATION.findall(r["solution"])
+        assert steps, r["solution"]
+        for a, op, b, c in steps:
+            assert OPS[op](int(a), int(b)) == int(c), r["solution"]
+        assert len(r["solution"].split()) < 60
+
+
+def test_difficulty_spread_and_domains(corpus):
+    _, train, heldout = corpus
+    levels = collections.Counter(r["difficulty"] for r in train)
+    assert sorted(levels) == [1, 2, 3, 4, 5]
+    assert min(levels.values()) > 0.15 * len(train)  # uniform: 20% each
+    domains = {r["domain"] for r in train}
+    assert domains == {"arithmetic", "word_problem", "expression"}
+    by_level = collections.defaultdict(set)
+    for r in train:
+        by_level[r["difficulty"]].add(r["domain"])
+    assert by_level[1] == by_level[2] == by_level[3] == {"arithmetic"}
+    assert {r["difficulty"] for r in heldout} == {1, 2, 3, 4, 5}
+
+
+def test_splits_disjoint_and_deterministic(corpus, tmp_path):
+    paths, train, heldout = corpus
+    held = [r["problem"] for r in heldout]
+    assert len(set(held)) == len(held)
+    assert not set(held) & {r["problem"] for r in train}
+    again = demo_corpus.generate(str(tmp_path / "a"), n_train=1500, n_heldout=200, seed=3)
+    for split in ("train", "heldout"):
+        with open(paths[split], "rb") as f1, open(again[split], "rb") as f2:
+            assert f1.read() == f2.read()
+    other = demo_corpus.generate(str(tmp_path / "b"), n_train=50, n_heldout=10, seed=4)
+    assert _read(other["train"])[:10] != train[:10]
+
+
+def test_large_train_repeats_only_easy_problems(tmp_path):
+    paths = demo_corpus.generate(str(tmp_path), n_train=6000, n_heldout=300, seed=0)
+    train, heldout = _read(paths["train"]), _read(paths["heldout"])
+    counts = collections.Counter(r["problem"] for r in train)
+    repeated = {p for p, c in counts.items() if c > 1}
+    assert repeated  # level 1 has ~600 problems; 1200 were asked for
+    assert all(r["difficulty"] == 1 for r in train if r["problem"] in repeated)
+    assert not counts.keys() & {r["problem"] for r in heldout}
+
+
+@pytest.mark.parametrize("rng_kind", ["random", "numpy"])
+def test_wrong_solution_is_plausible_and_wrong(corpus, rng_kind):
+    _, train, _ = corpus
+    rng = random.Random(0) if rng_kind == "random" else np.random.default_rng(0)
+    for r in train[:300]:
+        w = demo_corpus.wrong_solution(r, rng)
+        assert w["problem"] == r["problem"] and w["answer"] == r["answer"]
+        boxed = BOXED.search(w["solution"]).group(1)
+        assert boxed == w["rollout_answer"] != r["answer"]
+        steps = EQUATION.findall(w["solution"])
+        wrong = [s for s in steps if OPS[s[1]](int(s[0]), int(s[2])) != int(s[3])]
+        assert len(wrong) >= 1, w["solution"]
+        # Same wording as the correct rollout: only numbers differ.
+        assert re.sub(r"-?\d+", "N", w["solution"]) == re.sub(r"-?\d+", "N", r["solution"])
+    with pytest.raises(ValueError, match="not a demo-corpus problem"):
+        demo_corpus.wrong_solution({"problem": "What is the capital of France?"}, rng)
+
+
+def test_wrong_solution_tells_same_template_kinds_apart():
+    rng = random.Random(1)
+    two_digit = {"problem": "What is 47 + 38?", "answer": "85"}
+    w = demo_corpus.wrong_solution(two_digit, rng)
+    assert "carry" in w["solution"] and w["rollout_answer"] != "85"
+
+
+def test_corpus_texts(corpus):
+    paths, train, heldout = corpus
+    texts = list(demo_corpus.corpus_texts([paths["heldout"]]))
+    assert texts[0] == demo_corpus.DEFAULT_SYSTEM
+    assert texts[1:] == [t for r in heldout for t in (r["problem"], r["solution"])]
+    assert len(list(demo_corpus.corpus_texts(paths["train"]))) == 1 + 2 * len(train)
