@@ -17,6 +17,8 @@ STAGES = {
     "convert": "phimr_jax.train.convert:run_convert",
     "export": "phimr_jax.train.convert:run_export",
     "init": "phimr_jax.train.convert:run_init",
+    "midtrain": "phimr_jax.train.midtrain:run",
+    "sft": "phimr_jax.train.sft:run",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file[:preset].",

@@ -75,7 +75,9 @@ def restore_model(workdir: str, step: Optional[int] = None, mesh=None, rules=DEF
     mngr = manager(workdir)
     try:
         step = mngr.latest_step() if step is None or step < 0 else step
-        if step is None or step not in mngr.all_steps():
+        if step is None:
+            raise FileNotFoundError(f"run directory {workdir} has no checkpoint yet")
+        if step not in mngr.all_steps():
             raise FileNotFoundError(f"checkpoint step {step} not found in {ckpt_root}; "
                                     f"available: {list(mngr.all_steps())}")
         info = mngr.restore(step, args=ocp.args.Composite(run_info=ocp.args.JsonRestore()))

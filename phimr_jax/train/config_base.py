@@ -54,3 +54,34 @@ def train_config(stage: str) -> ConfigDict:
     c.loss = ConfigDict()
     c.loss.chunk_size = 1024  # Sequence chunk for the LM head: no [seq, vocab] f32 logits.
     return c
+
+
+def data_config() -> ConfigDict:
+    """Fields of the text data used by the distillation stages (1 mid-training, 2 SFT)."""
+    d = ConfigDict()
+    d.train_files = ""  # JSONL / Parquet paths or globs (comma-separated) of training records.
+    d.eval_files = ""  # Held-out problems with gold answers for the accuracy evaluation.
+    # Canonical record fields -> names in the files.
+    d.fields = ConfigDict({"problem": "problem", "solution": "solution", "answer": "answer",
+                           "difficulty": "difficulty", "domain": "domain"})
+    d.skip_malformed = False  # False: a malformed record stops with file:line; True: skip+count.
+    d.seq_len = 256  # Tokens per row (packed rows for stage 1, padded rows for stage 2).
+    d.global_batch_size = 16  # Rows per optimizer step, over all processes.
+    d.num_epochs = 5  # Passes over the data (paper: 5): sets total_steps when that is -1. The
+    # data itself repeats (reshuffled each epoch); the run stops after total_steps.
+    d.shuffle = True  # Shuffle examples each epoch (seeded by `seed`).
+    d.read_threads = 2  # grain worker threads for reading and tokenising.
+    d.min_difficulty = -1.0  # SFT subset: keep difficulty >= this (-1 = no filter).
+    d.domains = ""  # SFT subset: comma-separated domains to keep ("" = all).
+    d.tokenizer = ConfigDict()
+    d.tokenizer.kind = "hf"  # hf (tokenizer.json directory) | sentencepiece (.model file).
+    d.tokenizer.path = ""  # "" = the tokenizer of the init checkpoint / HF dir, or the demo's.
+    # Demo: generate the synthetic math corpus (and train its sentencepiece tokenizer) in the
+    # workdir instead of reading files, so the demo needs no download.
+    d.demo = False
+    d.demo_train = 4000  # Demo training problems.
+    d.demo_heldout = 64  # Demo held-out problems (disjoint from training).
+    d.demo_vocab_size = 1024  # Demo sentencepiece vocab (<= the demo model's vocab).
+    d.eval_problems = 64  # Held-out problems scored by greedy decoding at each evaluation.
+    d.eval_max_new_tokens = 128  # Generation budget per held-out problem.
+    return d

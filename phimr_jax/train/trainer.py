@@ -269,7 +269,10 @@ def _train(config, stage, workdir, mesh, rules) -> dict:
             try:
                 local = next(data_iter)
             except StopIteration:
-                log.warning("data exhausted at step %d of %d", step, total_steps)
+                log.warning("data exhausted at step %d of %d; saving and stopping",
+                            step, total_steps)
+                if step > start_step and mngr.latest_step() != step:
+                    save(step, force=True)
                 break
             batch = _global_batch(local, mesh, rules)
             params, opt_state, metrics = step_fn(params, opt_state, batch)
@@ -292,6 +295,8 @@ def _train(config, stage, workdir, mesh, rules) -> dict:
                         f"non-finite metrics at step {step} ({values}); stopped, last good "
                         f"checkpoint step {mngr.latest_step()} kept in {workdir}")
                 values["learning_rate"] = float(lr_at(step - 1))
+                if stats.get("rows_per_epoch"):
+                    values["epoch"] = step * config.data.global_batch_size / stats["rows_per_epoch"]
                 values.update(progress.report(step))
                 if eval_now:
                     model = nnx.merge(graphdef, params)

@@ -1,0 +1,46 @@
+"""Stage 1: distillation mid-training on verified teacher chain-of-thought, packed rows.
+
+  python -m phimr_jax.main --config=configs/midtrain.py:demo --config.workdir=runs/demo/midtrain
+  python -m phimr_jax.main --config=configs/midtrain.py:phi4_mini --config.workdir=gs://.../s1 \
+      --config.init.hf_dir=/path/Phi-4-mini --config.data.train_files='/data/s1/*.parquet'
+"""
+
+from phimr_jax.train.config_base import data_config, train_config
+
+
+def get_config(arg="demo"):
+    c = train_config("midtrain")
+    c.data = data_config()
+    if arg == "demo":
+        # Tiny Phi-architecture model from scratch on the synthetic corpus: minutes on 2 cores.
+        c.model.preset = "demo"
+        c.data.demo = True
+        c.data.seq_len = 256
+        c.data.global_batch_size = 16
+        c.total_steps = 300  # About 3.7 epochs of the 4000-problem corpus (1311 packed rows).
+        c.optim.learning_rate = 2e-3  # From scratch and tiny: far above the paper's 1e-5.
+        c.optim.warmup_fraction = 0.05
+        c.optim.weight_decay = 0.01
+        c.log_every_steps = 10
+        c.checkpoint_every_steps = 100
+        c.eval_every_steps = 100
+    elif arg == "phi4_mini":
+        # The paper's stage 1: 16K packed tokens, batch 128, LR 1e-5, 5 epochs, 10% warmup.
+        c.model.preset = "phi4_mini"
+        c.model.dtype = "bfloat16"  # bf16 matmuls, f32 master weights and Adam state.
+        c.model.remat_policy = "full"
+        c.data.seq_len = 16384
+        c.data.global_batch_size = 128
+        c.data.num_epochs = 5
+        c.data.tokenizer.kind = "hf"
+        c.data.eval_problems = 0  # Evaluate with configs/eval.py on the saved checkpoints.
+        c.total_steps = -1  # 5 epochs of the data.
+        c.optim.learning_rate = 1e-5
+        c.optim.warmup_fraction = 0.1
+        c.loss.chunk_size = 2048
+        c.log_every_steps = 10
+        c.checkpoint_every_steps = 500
+        c.mesh.fsdp = -1
+    else:
+        raise ValueError(f"unknown preset {arg!r}: demo | phi4_mini")
+    return c

@@ -1,0 +1,43 @@
+"""Stage 2: distillation SFT on a harder subset, one example per row, prompt-masked.
+
+  python -m phimr_jax.main --config=configs/sft.py:demo --config.workdir=runs/demo/sft \
+      --config.init.checkpoint=runs/demo/midtrain
+"""
+
+from phimr_jax.train.config_base import data_config, train_config
+
+
+def get_config(arg="demo"):
+    c = train_config("sft")
+    c.data = data_config()
+    if arg == "demo":
+        c.model.preset = "demo"  # Only used if init.checkpoint is not given.
+        c.data.demo = True
+        c.data.min_difficulty = 3  # The harder half of the synthetic corpus.
+        c.data.seq_len = 160
+        c.data.global_batch_size = 16
+        c.total_steps = 150  # About 1.2 epochs of the ~1900 harder problems.
+        c.optim.learning_rate = 5e-4
+        c.optim.warmup_fraction = 0.1
+        c.log_every_steps = 10
+        c.checkpoint_every_steps = 50
+        c.eval_every_steps = 50
+    elif arg == "phi4_mini":
+        # The paper's stage 2: 20K tokens unpacked, batch 128, LR 1e-5, 5 epochs, 10% warmup,
+        # initialised from the stage-1 run (--config.init.checkpoint=RUN1).
+        c.model.preset = "phi4_mini"
+        c.model.dtype = "bfloat16"
+        c.model.remat_policy = "full"
+        c.data.seq_len = 20480
+        c.data.global_batch_size = 128
+        c.data.num_epochs = 5
+        c.data.eval_problems = 0
+        c.total_steps = -1
+        c.optim.learning_rate = 1e-5
+        c.optim.warmup_fraction = 0.1
+        c.loss.chunk_size = 2048
+        c.checkpoint_every_steps = 500
+        c.mesh.fsdp = -1
+    else:
+        raise ValueError(f"unknown preset {arg!r}: demo | phi4_mini")
+    return c

@@ -1,0 +1,125 @@
+"""Stages 1 and 2 through the CLI, as a user runs them: kill/resume, SIGTERM, masking, demo."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from phimr_jax.train import checkpointing, sft
+from phimr_jax.train.distill import resolve_tokenizer
+from phimr_jax.train.metrics import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Small and fast: a 300-problem corpus, 128-token rows, 8 rows per step, no evaluation.
+FAST = ["--config.data.demo_train=300", "--config.data.demo_heldout=16",
+        "--config.data.seq_len=128", "--config.data.global_batch_size=8",
+        "--config.eval_every_steps=0", "--config.log_every_steps=2",
+        "--config.async_checkpoint=true"]
+
+
+def _cmd(config, workdir, *extra):
+    return [sys.executable, "-m", "phimr_jax.main", f"--config={config}",
+            f"--config.workdir={workdir}", *FAST, *extra]
+
+
+def _env():
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+
+
+def _run(config, workdir, *extra):
+    res = subprocess.run(_cmd(config, workdir, *extra), cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return res
+
+
+def _wait_for_checkpoint(proc, workdir, step, timeout=300):
+    marker = os.path.join(workdir, "checkpoints", str(step), "commit_success.txt")
+    deadline = time.time() + timeout
+    while not os.path.exists(marker):
+        assert proc.poll() is None, "run ended before the checkpoint appeared"
+        assert time.time() < deadline, "timed out waiting for the checkpoint"
+        time.sleep(0.05)
+
+
+def _params(workdir):
+    model, _, step = checkpointing.restore_model(workdir)
+    return step, {n: np.asarray(getattr(model, n)[...]) for n in ("embed", "q", "up", "final_norm")}
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_is_bit_exact(tmp_path):
+    steps = ["--config.total_steps=40", "--config.checkpoint_every_steps=10"]
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    _run("configs/midtrain.py:demo", straight, *steps)
+    proc = subprocess.Popen(_cmd("configs/midtrain.py:demo", killed, *steps), cwd=ROOT,
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_checkpoint(proc, killed, 10)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert checkpointing.latest_step(killed) < 40
+    _run("configs/midtrain.py:demo", killed, *steps)
+    a, b = read_metrics(straight), read_metrics(killed)
+    assert [(r["step"], r.get("loss")) for r in a] == [(r["step"], r.get("loss")) for r in b]
+    assert a[-1]["step"] == 40 and a[-1]["loss"] < a[1]["loss"]
+    step_a, pa = _params(straight)
+    step_b, pb = _params(killed)
+    assert step_a == step_b == 40
+    for name in pa:
+        np.testing.assert_array_equal(pa[name], pb[name], err_msg=name)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    workdir = str(tmp_path / "run")
+    proc = subprocess.Popen(_cmd("configs/midtrain.py:demo", workdir, "--config.total_steps=400",
+                                 "--config.checkpoint_every_steps=5"),
+                            cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        _wait_for_checkpoint(proc, workdir, 5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "SIGTERM: saved step" in err
+    saved = checkpointing.latest_step(workdir)
+    assert 5 <= saved < 400
+    assert read_metrics(workdir)[-1]["step"] == saved
+
+
+def _load(path, preset):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(preset)
+
+
+def test_sft_batches_mask_prompt_and_train_end(tmp_path):
+    config = _load("configs/sft.py", "demo")
+    config.workdir = str(tmp_path)
+    config.data.demo_train = 200
+    config.data.demo_heldout = 8
+    tokenizer, _ = resolve_tokenizer(config, "")
+    dataset, stats = sft.make_data(config, tokenizer)
+    assert stats["num_filtered"] > 0 and stats["num_kept"] > 0  # the harder subset only
+    batch = next(iter(dataset))
+    assert batch["inputs"].shape == (16, config.data.seq_len)
+    for row in range(4):
+        mask, targets = batch["loss_mask"][row], batch["targets"][row]
+        real = batch["segment_ids"][row] > 0
+        assistant = int(np.argmax(batch["inputs"][row] == tokenizer.assistant_id))
+        assert mask[:assistant].sum() == 0  # prompt (up to <|assistant|>) carries no loss
+        last = int(np.flatnonzero(mask)[-1])
+        assert targets[last] == tokenizer.end_id  # the final <|end|> carries loss
+        assert mask[assistant:last + 1].all() and not mask[~real].any()
