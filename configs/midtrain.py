@@ -5,7 +5,7 @@
       --config.init.hf_dir=/path/Phi-4-mini --config.data.train_files='/data/s1/*.parquet'
 """
 
-from phimr_jax.train.config_base import data_config, train_config
+from phimr_jax.train.config_base import data_config, phi4_mini_training, train_config
 
 
 def get_config(arg="demo"):
@@ -26,21 +26,10 @@ def get_config(arg="demo"):
         c.eval_every_steps = 100
     elif arg == "phi4_mini":
         # The paper's stage 1: 16K packed tokens, batch 128, LR 1e-5, 5 epochs, 10% warmup.
-        c.model.preset = "phi4_mini"
-        c.model.dtype = "bfloat16"  # bf16 matmuls, f32 master weights and Adam state.
-        c.model.remat_policy = "full"
-        c.data.seq_len = 16384
-        c.data.global_batch_size = 128
+        phi4_mini_training(c, seq_len=16384, learning_rate=1e-5)
         c.data.num_epochs = 5
-        c.data.tokenizer.kind = "hf"
-        c.data.eval_problems = 0  # Evaluate with configs/eval.py on the saved checkpoints.
         c.total_steps = -1  # 5 epochs of the data.
-        c.optim.learning_rate = 1e-5
         c.optim.warmup_fraction = 0.1
-        c.loss.chunk_size = 2048
-        c.log_every_steps = 10
-        c.checkpoint_every_steps = 500
-        c.mesh.fsdp = -1
     else:
         raise ValueError(f"unknown preset {arg!r}: demo | phi4_mini")
     return c

@@ -4,7 +4,7 @@
       --config.init.checkpoint=runs/demo/midtrain
 """
 
-from phimr_jax.train.config_base import data_config, train_config
+from phimr_jax.train.config_base import data_config, phi4_mini_training, train_config
 
 
 def get_config(arg="demo"):
@@ -25,19 +25,10 @@ def get_config(arg="demo"):
     elif arg == "phi4_mini":
         # The paper's stage 2: 20K tokens unpacked, batch 128, LR 1e-5, 5 epochs, 10% warmup,
         # initialised from the stage-1 run (--config.init.checkpoint=RUN1).
-        c.model.preset = "phi4_mini"
-        c.model.dtype = "bfloat16"
-        c.model.remat_policy = "full"
-        c.data.seq_len = 20480
-        c.data.global_batch_size = 128
+        phi4_mini_training(c, seq_len=20480, learning_rate=1e-5)
         c.data.num_epochs = 5
-        c.data.eval_problems = 0
-        c.total_steps = -1
-        c.optim.learning_rate = 1e-5
+        c.total_steps = -1  # 5 epochs of the harder subset.
         c.optim.warmup_fraction = 0.1
-        c.loss.chunk_size = 2048
-        c.checkpoint_every_steps = 500
-        c.mesh.fsdp = -1
     else:
         raise ValueError(f"unknown preset {arg!r}: demo | phi4_mini")
     return c

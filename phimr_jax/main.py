@@ -57,6 +57,11 @@ def main(argv) -> int:
     except _USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # Errors that carry their own exit status (e.g. a NaN loss).
+        if not hasattr(e, "exit_code"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
     return 0
 
 

@@ -85,3 +85,22 @@ def data_config() -> ConfigDict:
     d.eval_problems = 64  # Held-out problems scored by greedy decoding at each evaluation.
     d.eval_max_new_tokens = 128  # Generation budget per held-out problem.
     return d
+
+
+def phi4_mini_training(c: ConfigDict, *, seq_len: int, learning_rate: float) -> ConfigDict:
+    """What every phi4_mini stage preset shares: the 3.8B model with bf16 matmuls over f32
+    master weights and Adam state, per-layer remat, FSDP over all devices, a 2048-token LM-head
+    chunk, the paper's global batch of 128, and evaluation left to configs/eval.py."""
+    c.model.preset = "phi4_mini"
+    c.model.dtype = "bfloat16"
+    c.model.remat_policy = "full"
+    c.data.seq_len = seq_len
+    c.data.global_batch_size = 128
+    c.data.tokenizer.kind = "hf"
+    c.data.eval_problems = 0
+    c.optim.learning_rate = learning_rate
+    c.loss.chunk_size = 2048
+    c.log_every_steps = 10
+    c.checkpoint_every_steps = 500
+    c.mesh.fsdp = -1
+    return c

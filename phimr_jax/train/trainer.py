@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; the run stopped and kept its last good checkpoint."""
 
+    exit_code = 3  # main.py prints the message and exits with this status.
+
 
 @dataclasses.dataclass
 class Stage:
