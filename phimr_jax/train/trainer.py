@@ -190,20 +190,29 @@ def train(config: ConfigDict, stage: Stage) -> dict:
         return _train(config, stage, workdir, mesh, rules)
 
 
+def _with_shardings(tree, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        tree, shardings)
+
+
+def _model_for_run(config, mngr, mesh, rules):
+    """(model, tokenizer_dir, init description, resume step or None). On resume the model is
+    abstract (its parameters come from the checkpoint) and keeps the run's dtype policy."""
+    resume_step = mngr.latest_step()
+    if resume_step is None:
+        model, tokenizer_dir, source = _init_model(config, mesh, rules)
+        model = with_model_config(model, dtype=config.model.dtype,
+                                  remat_policy=config.model.remat_policy)
+        return model, tokenizer_dir, source, None
+    info = mngr.restore(resume_step, args=ocp.args.Composite(
+        run_info=ocp.args.JsonRestore()))["run_info"]
+    model = abstract_model(ModelConfig.from_dict(info["model"]))
+    return model, info.get("tokenizer_dir", ""), info.get("init", ""), resume_step
+
+
 def _train(config, stage, workdir, mesh, rules) -> dict:
     mngr = _manager(workdir, config)
-    resume_step = mngr.latest_step()
-    if resume_step is not None:
-        info = mngr.restore(resume_step, args=ocp.args.Composite(
-            run_info=ocp.args.JsonRestore()))["run_info"]
-        model = nnx.eval_shape(lambda: Phi3ForCausalLM(ModelConfig.from_dict(info["model"]),
-                                                       rngs=nnx.Rngs(0)))
-        tokenizer_dir, source = info.get("tokenizer_dir", ""), info.get("init", "")
-    else:
-        model, tokenizer_dir, source = _init_model(config, mesh, rules)
-    model = with_model_config(model, dtype=config.model.dtype,
-                              remat_policy=config.model.remat_policy) \
-        if resume_step is None else model
+    model, tokenizer_dir, source, resume_step = _model_for_run(config, mngr, mesh, rules)
     tokenizer, tokenizer_dir = stage.tokenizer_fn(config, tokenizer_dir)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab is "
@@ -211,12 +220,11 @@ def _train(config, stage, workdir, mesh, rules) -> dict:
     dataset, stats = stage.make_data(config, tokenizer)
     total_steps = _resolve_total_steps(config, stats)
     tx = make_optimizer(config.optim, total_steps)
-    lr_at = schedule(config.optim, total_steps)
 
     graphdef, params_state = nnx.split(model, nnx.Param)
-    abstract_params = nnx.to_pure_dict(nnx.state(abstract_model(model.config), nnx.Param))
-    params_sh = nnx.to_pure_dict(sharding.state_shardings(
-        nnx.state(abstract_model(model.config), nnx.Param), mesh, rules))
+    abstract_state = nnx.state(abstract_model(model.config), nnx.Param)
+    abstract_params = nnx.to_pure_dict(abstract_state)
+    params_sh = nnx.to_pure_dict(sharding.state_shardings(abstract_state, mesh, rules))
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     opt_sh = _opt_shardings(abstract_opt, params_sh, abstract_params, mesh)
     data_iter = iter(dataset)
@@ -225,11 +233,9 @@ def _train(config, stage, workdir, mesh, rules) -> dict:
     writer = MetricWriter(workdir, tensorboard=config.tensorboard)
 
     if resume_step is not None:
-        target = lambda tree, sh: jax.tree.map(  # noqa: E731
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)
         restored = mngr.restore(resume_step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(target(abstract_params, params_sh)),
-            opt_state=ocp.args.StandardRestore(target(abstract_opt, opt_sh)),
+            params=ocp.args.StandardRestore(_with_shardings(abstract_params, params_sh)),
+            opt_state=ocp.args.StandardRestore(_with_shardings(abstract_opt, opt_sh)),
             train_state=ocp.args.JsonRestore(),
             data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
         params, opt_state = restored["params"], restored["opt_state"]
@@ -249,74 +255,94 @@ def _train(config, stage, workdir, mesh, rules) -> dict:
         raise ValueError("data.global_batch_size must divide into grad_accum_steps x processes")
     step_fn = jax.jit(_make_step(graphdef, stage, tx, accum), donate_argnums=(0, 1),
                       out_shardings=(params_sh, opt_sh, None))
+    loop = _Loop(config, stage, mngr, writer, data_iter, info, tokenizer, graphdef, stats,
+                 schedule(config.optim, total_steps), total_steps, workdir)
+    return loop.run(step_fn, params, opt_state, start_step, mesh, rules)
 
-    stop = {"signal": False}
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("signal", True)) \
-        if _main_thread() else None
 
-    def save(step, force=False):
-        mngr.save(step, force=force, args=ocp.args.Composite(
+class _Loop:
+    """The step loop: batches in, metrics out, checkpoints, SIGTERM and non-finite checks."""
+
+    def __init__(self, config, stage, mngr, writer, data_iter, info, tokenizer, graphdef, stats,
+                 lr_at, total_steps, workdir):
+        self.config, self.stage, self.mngr, self.writer = config, stage, mngr, writer
+        self.data_iter, self.info, self.tokenizer, self.graphdef = data_iter, info, tokenizer, graphdef
+        self.stats, self.lr_at, self.total_steps, self.workdir = stats, lr_at, total_steps, workdir
+        self.stop_requested = False
+
+    def save(self, step, params, opt_state):
+        self.mngr.save(step, force=True, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-            train_state=ocp.args.JsonSave({"step": step, "seed": config.seed}),
-            data_iter=grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iter.get_state())),
-            run_info=ocp.args.JsonSave(info)))
+            train_state=ocp.args.JsonSave({"step": step, "seed": self.config.seed}),
+            data_iter=grain.checkpoint.CheckpointSave(
+                _IteratorSnapshot(self.data_iter.get_state())),
+            run_info=ocp.args.JsonSave(self.info)))
 
-    collection_type = None
-    window = None
-    progress = Progress(total_steps, start_step)
-    last = {}
-    step = start_step
-    try:
-        while step < total_steps:
-            try:
-                local = next(data_iter)
-            except StopIteration:
-                log.warning("data exhausted at step %d of %d; saving and stopping",
-                            step, total_steps)
-                if step > start_step and mngr.latest_step() != step:
-                    save(step, force=True)
-                break
-            batch = _global_batch(local, mesh, rules)
-            params, opt_state, metrics = step_fn(params, opt_state, batch)
-            step += 1
-            if collection_type is None:
-                collection_type = averaging_collection(sorted(metrics))
-            update = collection_type.single_from_model_output(**metrics)
-            window = update if window is None else window.merge(update)
-            progress.add_tokens(float(np.sum(local.get("segment_ids", local["inputs"]) > 0)))
-            is_last = step == total_steps
-            preempted = stop["signal"] or (jax.process_count() > 1 and mngr.reached_preemption(step))
-            checkpoint_now = is_last or preempted or step % config.checkpoint_every_steps == 0
-            eval_now = bool(stage.evaluate and config.eval_every_steps and (
-                is_last or step % config.eval_every_steps == 0))
-            if step % config.log_every_steps == 0 or checkpoint_now or eval_now:
-                values = {k: float(v) for k, v in window.compute().items()}
-                window = None
-                if not all(np.isfinite(v) for v in values.values()):
-                    raise NonFiniteLossError(
-                        f"non-finite metrics at step {step} ({values}); stopped, last good "
-                        f"checkpoint step {mngr.latest_step()} kept in {workdir}")
-                values["learning_rate"] = float(lr_at(step - 1))
-                if stats.get("rows_per_epoch"):
-                    values["epoch"] = step * config.data.global_batch_size / stats["rows_per_epoch"]
-                values.update(progress.report(step))
-                if eval_now:
-                    model = nnx.merge(graphdef, params)
-                    values.update(stage.evaluate(model, tokenizer, config))
-                writer.write(step, values)
-                last = values
-            if checkpoint_now:
-                save(step, force=True)
-            if preempted:
-                mngr.wait_until_finished()
-                log.warning("SIGTERM: saved step %d and stopping", step)
-                break
-    finally:
-        mngr.wait_until_finished()
-        mngr.close()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    return {"step": step, **last}
+    def log_values(self, step, window, progress, params) -> dict:
+        values = {k: float(v) for k, v in window.compute().items()}
+        if not all(np.isfinite(v) for v in values.values()):
+            raise NonFiniteLossError(
+                f"non-finite metrics at step {step} ({values}); stopped, last good checkpoint "
+                f"step {self.mngr.latest_step()} kept in {self.workdir}")
+        values["learning_rate"] = float(self.lr_at(step - 1))
+        if self.stats.get("rows_per_epoch"):
+            values["epoch"] = step * self.config.data.global_batch_size / \
+                self.stats["rows_per_epoch"]
+        values.update(progress.report(step))
+        return values
+
+    def run(self, step_fn, params, opt_state, step, mesh, rules) -> dict:
+        config, total = self.config, self.total_steps
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
+        collection_type, window, last = None, None, {}
+        progress = Progress(total, step)
+        try:
+            while step < total:
+                try:
+                    local = next(self.data_iter)
+                except StopIteration:
+                    log.warning("data exhausted at step %d of %d; saving and stopping",
+                                step, total)
+                    if self.mngr.latest_step() != step:
+                        self.save(step, params, opt_state)
+                    break
+                params, opt_state, metrics = step_fn(params, opt_state,
+                                                     _global_batch(local, mesh, rules))
+                step += 1
+                if collection_type is None:
+                    collection_type = averaging_collection(sorted(metrics))
+                update = collection_type.single_from_model_output(**metrics)
+                window = update if window is None else window.merge(update)
+                progress.add_tokens(float(np.sum(local.get("segment_ids", local["inputs"]) > 0)))
+                is_last = step == total
+                preempted = self.stop_requested or (
+                    jax.process_count() > 1 and self.mngr.reached_preemption(step))
+                checkpoint_now = is_last or preempted or step % config.checkpoint_every_steps == 0
+                eval_now = bool(self.stage.evaluate and config.eval_every_steps and (
+                    is_last or step % config.eval_every_steps == 0))
+                if step % config.log_every_steps == 0 or checkpoint_now or eval_now:
+                    values = self.log_values(step, window, progress, params)
+                    window = None
+                    if eval_now:
+                        model = nnx.merge(self.graphdef, params)
+                        values.update(self.stage.evaluate(model, self.tokenizer, config))
+                    self.writer.write(step, values)
+                    last = values
+                if checkpoint_now:
+                    self.save(step, params, opt_state)
+                if preempted:
+                    self.mngr.wait_until_finished()
+                    log.warning("SIGTERM: saved step %d and stopping", step)
+                    break
+        finally:
+            self.mngr.wait_until_finished()
+            self.mngr.close()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        return {"step": step, **last}
+
+    def _on_sigterm(self, *_):
+        self.stop_requested = True
 
 
 def _main_thread() -> bool:

@@ -123,3 +123,25 @@ def test_sft_batches_mask_prompt_and_train_end(tmp_path):
         last = int(np.flatnonzero(mask)[-1])
         assert targets[last] == tokenizer.end_id  # the final <|end|> carries loss
         assert mask[assistant:last + 1].all() and not mask[~real].any()
+
+
+@pytest.mark.slow
+def test_midtrain_then_sft_demo(tmp_path):
+    """configs/midtrain.py:demo then configs/sft.py:demo from it (shortened): losses fall and
+    held-out accuracy is in metrics.jsonl; SFT inherits stage 1's weights and tokenizer."""
+    s1, s2 = str(tmp_path / "midtrain"), str(tmp_path / "sft")
+    evals = ["--config.data.eval_problems=16", "--config.data.eval_max_new_tokens=48"]
+    _run("configs/midtrain.py:demo", s1, "--config.total_steps=60",
+         "--config.eval_every_steps=60", *evals)
+    _run("configs/sft.py:demo", s2, f"--config.init.checkpoint={s1}", "--config.total_steps=30",
+         "--config.eval_every_steps=30", *evals)
+    for workdir in (s1, s2):
+        rows = read_metrics(workdir)
+        trained = [r for r in rows if "loss" in r]
+        assert trained[-1]["loss"] < trained[0]["loss"], workdir
+        assert 0.0 <= rows[-1]["eval/accuracy"] <= 1.0 and "eval/finished" in rows[-1]
+    _, info, _ = checkpointing.restore_model(s2)
+    assert info["init"].startswith(f"run {s1}") and info["tokenizer_dir"] == f"{s1}/tokenizer"
+    assert read_metrics(s2)[0]["data/num_filtered"] > 0
+    # SFT starts where stage 1 ended: its first loss is far below a fresh model's.
+    assert read_metrics(s2)[1]["loss"] < read_metrics(s1)[1]["loss"]
