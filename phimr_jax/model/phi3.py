@@ -170,10 +170,12 @@ class Phi3ForCausalLM(nnx.Module):
                        index=jnp.zeros((), jnp.int32), long_rope=jnp.zeros((), bool))
 
     def decode(self, input_ids: jax.Array, cache: KVCache, positions: Optional[jax.Array] = None,
-               segment_ids: Optional[jax.Array] = None, *, long_rope=None):
+               segment_ids: Optional[jax.Array] = None, *, long_rope=None, logits_at=None):
         """Run `input_ids` [batch, T] through the model on top of `cache`; returns
         (logits [batch, T, vocab] float32, updated cache). Prefill is the first call (T = prompt
-        length), each later call usually has T = 1.
+        length), each later call usually has T = 1. `logits_at` (an index into T, traced) asks
+        for the logits of that one position only ([batch, 1, vocab]): a prefill needs just its
+        last position, and [batch, prompt, vocab] float32 logits would not fit at 200K vocab.
 
         positions default to index + 0..T-1; segment_ids default to 1 (0 marks padding that no
         real token attends to, e.g. left padding of ragged prompts). The LongRoPE regime is
@@ -202,6 +204,8 @@ class Phi3ForCausalLM(nnx.Module):
         cache = cache.replace(segment_ids=cache_segments)
         h, cache = self._run_layers(input_ids, positions, long_rope, mask, cache=cache)
         cache = cache.replace(index=cache.index + seq, long_rope=long_rope)
+        if logits_at is not None:
+            h = jax.lax.dynamic_slice_in_dim(h, logits_at, 1, axis=1)
         return self.logits(h), cache
 
     def needs_reencode(self, cache: KVCache, next_length: int) -> jax.Array:

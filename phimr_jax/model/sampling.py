@@ -1,75 +1,202 @@
-"""Greedy decoding on the KV cache, one jitted prefill + `lax.while_loop`.
+"""The in-JAX sampler: prefill + one jitted `lax.while_loop` over a preallocated KV cache.
 
-Used by the training stages' held-out evaluation. Prompts are left-padded to a bucketed length
-(segment 0 marks padding, positions count from each prompt's first real token), so a few
-compiled shapes serve a whole run. Simplification (documented, extended by the sampler issue):
-the LongRoPE regime is fixed once from prompt length + max_new_tokens, the same rule the
-trainer's forward pass applies to a sequence of that length.
+`generate(model, prompts, ...)` samples completions for token-id prompts:
+- greedy (`top_k=1` or `temperature=0`), temperature, top-k and top-p. Temperature, top-p and
+  top-k are traced values: changing them between calls (an RL annealing schedule) never
+  recompiles. Shapes are bucketed (rows to a multiple of 8, prompt length to a multiple of 64,
+  generation budget to a power of two >= 64) so a handful of compiled programs serve a run.
+- ragged prompts are left-padded: padding has segment id 0 (nothing attends to it) and each
+  row's positions start at 0 at its first real token; rows stop independently at a stop token.
+- `num_samples` repeats each prompt; rows are prompt-major (p0s0, p0s1, ..., p1s0, ...).
+- per generated token: the model's log-prob (temperature 1, no filtering: what a trainer
+  computes) and the log-prob under the sampling distribution actually used.
+- sharding: under an active mesh the rows are sharded over the batch axes and the weights stay
+  sharded by the training rules.
+
+LongRoPE (`rope_mode`):
+- "hf" (default, transformers-identical): the prefill uses HF's per-forward rule; while the
+  cache holds short-factor keys and the sequence is about to exceed
+  original_max_position_embeddings, everything so far is re-encoded with the long factors (HF
+  drops its cache at that point) and decoding goes on from there. Tokens before the crossing
+  were sampled under the short factors, as in HF. The rule is taken over the batch (the longest
+  row decides), as HF's max(position_ids) is.
+- "fixed": one regime for the whole call, chosen from the maximum total length
+  (longest prompt + max_new_tokens), with no re-encode. A trainer scoring the finished
+  sequences with `long_rope=rope_regime(config, that length)` gets the same log-probs, which
+  RL's importance ratios need.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from phimr_jax.model.sharding import constrain
 
-def _bucket(n: int, size: int = 64) -> int:
-    return max(size, -(-n // size) * size)
+_NEG = -1e30
 
 
-@partial(jax.jit, static_argnames=("max_new_tokens",))
-def _greedy(model, ids, segment_ids, positions, stop_ids, long_rope, max_new_tokens: int):
+@dataclasses.dataclass
+class GenerateResult:
+    """Completions, one row per prompt x sample (prompt-major)."""
+
+    tokens: list  # list[list[int]]: generated ids, up to and including a stop token
+    logprobs: list  # list[np.ndarray]: log p_model(token) at temperature 1, per generated token
+    sampling_logprobs: list  # list[np.ndarray]: log q(token) under the sampling distribution
+    lengths: np.ndarray  # [rows] number of generated tokens
+    finish_reasons: list  # "stop" (hit a stop token) or "length" (max_new_tokens reached)
+
+
+def rope_regime(config, max_total_length: int) -> bool:
+    """The fixed LongRoPE regime for sequences of up to `max_total_length` tokens."""
+    return config.rope_type == "longrope" and \
+        max_total_length > config.original_max_position_embeddings
+
+
+def _round_up(n: int, m: int) -> int:
+    return max(m, -(-n // m) * m)
+
+
+def _pow2(n: int, lo: int = 64) -> int:
+    return max(lo, 1 << (max(n, 1) - 1).bit_length())
+
+
+def _filter_logits(logits, temperature, top_p, top_k):
+    """Sampling logits: divided by temperature, then top-k and top-p applied (traced values;
+    top_k <= 0 and top_p >= 1 disable them). Ties at a cutoff are all kept."""
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    vocab = scaled.shape[-1]
+
+    def filtered(x):
+        sorted_x = jnp.sort(x, axis=-1)[..., ::-1]
+        k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+        kth = jnp.take_along_axis(sorted_x, jnp.broadcast_to(k - 1, x.shape[:-1])[..., None],
+                                  axis=-1)
+        probs = jax.nn.softmax(sorted_x, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each sorted entry
+        keep_sorted = (before < top_p) & (jnp.arange(vocab) < k)
+        cutoff = jnp.min(jnp.where(keep_sorted, sorted_x, jnp.inf), axis=-1, keepdims=True)
+        return jnp.where(x >= jnp.maximum(cutoff, kth), x, _NEG)
+
+    needs_sort = (top_p < 1.0) | (top_k > 0)
+    return jax.lax.cond(needs_sort, filtered, lambda x: x, scaled)
+
+
+def _pick(logits, key, temperature, top_p, top_k):
+    """(token, log p_model, log q_sampling) for one decoding step of every row."""
+    model_lp = jax.nn.log_softmax(logits, axis=-1)
+    greedy = (temperature <= 0) | (top_k == 1)
+    samp_logits = _filter_logits(logits, temperature, top_p, top_k)
+    sampled = jax.random.categorical(key, samp_logits, axis=-1)
+    token = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
+    samp_lp = jnp.where(greedy, 0.0, jnp.take_along_axis(
+        jax.nn.log_softmax(samp_logits, axis=-1), token[:, None], axis=-1)[:, 0])
+    return token, jnp.take_along_axis(model_lp, token[:, None], axis=-1)[:, 0], samp_lp
+
+
+@partial(jax.jit, static_argnames=("budget", "hf_rope"))
+def _sample(model, ids, segment_ids, positions, key, temperature, top_p, top_k, stop_ids,
+            limit, fixed_long, *, budget: int, hf_rope: bool):
     bsz, plen = ids.shape
-    cache = model.init_cache(bsz, plen + max_new_tokens)
+    ids = constrain(ids, ("batch", "length"))
+    cache = model.init_cache(bsz, plen + budget)
     logits, cache = model.decode(ids, cache, positions=positions, segment_ids=segment_ids,
-                                 long_rope=long_rope)
-    next_tok = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-    next_pos = positions[:, -1] + 1
-    out = jnp.zeros((bsz, max_new_tokens), jnp.int32)
+                                 long_rope=None if hf_rope else fixed_long, logits_at=plen - 1)
+    last_pos = positions[:, -1]
+    gen_pos = last_pos[:, None] + 1 + jnp.arange(budget)[None]  # position of each output slot
+
+    def step(cache, tok, t, done):
+        """Feed the token sampled at step t on top of the cache (rows already done: padding)."""
+        logits, cache = model.decode(tok[:, None], cache, positions=jax.lax.dynamic_slice_in_dim(gen_pos, t, 1, axis=1),
+                                     segment_ids=jnp.where(done, 0, 1)[:, None].astype(jnp.int32))
+        return logits[:, 0], cache
+
+    def reencode(cache, out, t):
+        """HF's cache drop at the LongRoPE crossing: prompt + tokens 0..t through a fresh cache
+        with the long factors; the logits of token t predict step t+1."""
+        gen_seg = (jnp.arange(budget)[None] <= t).astype(jnp.int32) * jnp.ones((bsz, 1), jnp.int32)
+        fresh = model.init_cache(bsz, plen + budget)
+        logits, fresh = model.decode(
+            jnp.concatenate([ids, out], axis=1), fresh,
+            positions=jnp.concatenate([positions, gen_pos], axis=1),
+            segment_ids=jnp.concatenate([segment_ids, gen_seg], axis=1), long_rope=True,
+            logits_at=plen + t)
+        return logits[:, 0], fresh.replace(index=jnp.int32(plen) + t + 1)
 
     def cond(state):
-        t, _, _, _, done, _ = state
-        return (t < max_new_tokens) & ~jnp.all(done)
+        t, _, _, done, *_ = state
+        return (t < limit) & ~jnp.all(done)
 
     def body(state):
-        t, tok, pos, cache, done, out = state
-        out = out.at[:, t].set(jnp.where(done, 0, tok))
+        t, logits, cache, done, out, lp, slp = state
+        tok, model_lp, samp_lp = _pick(logits, jax.random.fold_in(key, t), temperature, top_p,
+                                       top_k)
+        tok = jnp.where(done, 0, tok)
+        out = out.at[:, t].set(tok)
+        lp = lp.at[:, t].set(jnp.where(done, 0.0, model_lp))
+        slp = slp.at[:, t].set(jnp.where(done, 0.0, samp_lp))
+        if hf_rope:
+            crossing = model.needs_reencode(cache, jnp.max(jax.lax.dynamic_index_in_dim(gen_pos, t, axis=1, keepdims=False)) + 1)
+            logits, cache = jax.lax.cond(crossing, lambda c: reencode(c, out, t),
+                                         lambda c: step(c, tok, t, done), cache)
+        else:
+            logits, cache = step(cache, tok, t, done)
         done = done | jnp.isin(tok, stop_ids)
-        logits, cache = model.decode(tok[:, None], cache, positions=pos[:, None])
-        nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-        return t + 1, nxt, pos + 1, cache, done, out
+        return t + 1, logits, cache, done, out, lp, slp
 
-    init = (jnp.int32(0), next_tok, next_pos, cache, jnp.zeros((bsz,), bool), out)
-    *_, out = jax.lax.while_loop(cond, body, init)
-    return out
+    zeros = jnp.zeros((bsz, budget), jnp.float32)
+    init = (jnp.int32(0), logits[:, 0], cache, jnp.zeros((bsz,), bool),
+            jnp.zeros((bsz, budget), jnp.int32), zeros, zeros)
+    _, _, _, _, out, lp, slp = jax.lax.while_loop(cond, body, init)
+    return out, lp, slp
 
 
-def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                    stop_ids: Sequence[int], pad_id: int = 0) -> list:
-    """Greedy completions (token lists, ending at and including a stop token if one came)."""
-    plen = _bucket(max(len(p) for p in prompts))
-    bsz = len(prompts)
+def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, num_samples: int = 1,
+             seed: int = 0, stop_tokens: Optional[Sequence[int]] = None, rope_mode: str = "hf",
+             pad_id: int = 0) -> GenerateResult:
+    """Sample `num_samples` completions of each prompt (token-id lists); see module docstring.
+
+    stop_tokens: None = the model's stop tokens (<|end|>, <|endoftext|>); [] = never stop early.
+    """
+    if rope_mode not in ("hf", "fixed"):
+        raise ValueError(f"rope_mode must be 'hf' or 'fixed', got {rope_mode!r}")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    cfg = model.config
+    stops = list(cfg.stop_token_ids if stop_tokens is None else stop_tokens)
+    rows = [list(p) for p in prompts for _ in range(num_samples)]
+    n = len(rows)
+    bsz, plen, budget = _round_up(n, 8), _round_up(max(len(r) for r in rows), 64), \
+        _pow2(max_new_tokens)
     ids = np.full((bsz, plen), pad_id, np.int32)
     seg = np.zeros((bsz, plen), np.int32)
     pos = np.zeros((bsz, plen), np.int32)
-    for i, p in enumerate(prompts):
-        n = len(p)
-        ids[i, plen - n:], seg[i, plen - n:], pos[i, plen - n:] = p, 1, np.arange(n)
-    cfg = model.config
-    long_rope = cfg.rope_type == "longrope" and \
-        max(len(p) for p in prompts) + max_new_tokens > cfg.original_max_position_embeddings
-    out = np.asarray(_greedy(model, ids, seg, pos, jnp.asarray(list(stop_ids), jnp.int32),
-                             jnp.asarray(long_rope), max_new_tokens))
-    results = []
-    for row in out:
-        toks = []
-        for t in row.tolist():
-            toks.append(t)
-            if t in stop_ids:
-                break
-        results.append(toks)
-    return results
+    for i, r in enumerate(rows):
+        ids[i, plen - len(r):], seg[i, plen - len(r):] = r, 1
+        pos[i, plen - len(r):] = np.arange(len(r))
+    for i in range(n, bsz):  # filler rows: one dummy token so every row has a position
+        seg[i, -1] = 1
+    longest = max(len(r) for r in rows)
+    out, lp, slp = _sample(
+        model, ids, seg, pos, jax.random.key(seed), jnp.float32(temperature),
+        jnp.float32(top_p), jnp.int32(top_k), jnp.asarray(stops or [-1], jnp.int32),
+        jnp.int32(max_new_tokens), jnp.asarray(rope_regime(cfg, longest + max_new_tokens)),
+        budget=budget, hf_rope=rope_mode == "hf")
+    out, lp, slp = np.asarray(out)[:n], np.asarray(lp)[:n], np.asarray(slp)[:n]
+    tokens, lps, slps, lengths, reasons = [], [], [], [], []
+    for i in range(n):
+        row = out[i, :max_new_tokens].tolist()
+        hit = [j for j, tok in enumerate(row) if tok in stops]
+        length = hit[0] + 1 if hit else max_new_tokens
+        tokens.append(row[:length])
+        lps.append(lp[i, :length])
+        slps.append(slp[i, :length])
+        lengths.append(length)
+        reasons.append("stop" if hit else "length")
+    return GenerateResult(tokens, lps, slps, np.asarray(lengths), reasons)

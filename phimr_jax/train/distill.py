@@ -24,7 +24,7 @@ from phimr_jax.data import demo_corpus
 from phimr_jax.data.pipelines import eval_examples
 from phimr_jax.data.sources import open_records
 from phimr_jax.data.tokenizers import load_tokenizer, train_sentencepiece
-from phimr_jax.model.sampling import greedy_generate
+from phimr_jax.model.sampling import generate
 from phimr_jax.train import losses
 from phimr_jax.train.trainer import Stage
 
@@ -125,9 +125,9 @@ def heldout_accuracy(model, tokenizer, config: ConfigDict) -> dict:
         return {}
     examples = _heldout(eval_files, tuple(sorted(config.data.fields.items())),
                         config.data.eval_problems, tokenizer)
-    completions = greedy_generate(model, [e["prompt_ids"] for e in examples],
-                                  config.data.eval_max_new_tokens, tokenizer.stop_ids,
-                                  tokenizer.pad_id)
+    completions = generate(model, [e["prompt_ids"] for e in examples],
+                           max_new_tokens=config.data.eval_max_new_tokens, top_k=1,
+                           stop_tokens=tokenizer.stop_ids, pad_id=tokenizer.pad_id).tokens
     correct = finished = 0
     for e, toks in zip(examples, completions):
         stopped = bool(toks) and toks[-1] in tokenizer.stop_ids
