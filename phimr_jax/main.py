@@ -19,6 +19,8 @@ STAGES = {
     "init": "phimr_jax.train.convert:run_init",
     "midtrain": "phimr_jax.train.midtrain:run",
     "sft": "phimr_jax.train.sft:run",
+    "generate": "phimr_jax.train.generation:run",
+    "bench": "phimr_jax.train.bench:run",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file[:preset].",

@@ -1,0 +1,80 @@
+"""What the generate and eval stages share: a model + tokenizer to sample from, and batched
+chat-format sampling of many questions."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional, Sequence
+
+from ml_collections import ConfigDict
+
+from phimr_jax.data.tokenizers import load_tokenizer
+from phimr_jax.model.hf_io import load_hf
+from phimr_jax.model.sampling import GenerateResult, generate
+from phimr_jax.model.sharding import make_mesh
+from phimr_jax.train import checkpointing
+
+log = logging.getLogger(__name__)
+
+
+def sampling_config() -> ConfigDict:
+    """Fields that pick the model and how to sample from it (generate and eval stages)."""
+    c = ConfigDict()
+    c.hf_dir = ""  # Sample from an HF Phi3 directory (weights + tokenizer) ...
+    c.checkpoint = ""  # ... or from a run directory's latest checkpoint (its tokenizer too).
+    c.tokenizer = ""  # Tokenizer directory / .model file overriding the model's own.
+    c.dtype = "bfloat16"  # Parameter and compute dtype for sampling (float32 | bfloat16).
+    c.max_new_tokens = 1024  # Generation budget per completion (paper's eval: up to 32768).
+    c.temperature = 0.6  # Paper's evaluation temperature (0 = greedy).
+    c.top_p = 0.95  # Nucleus sampling mass (1.0 = off).
+    c.top_k = 0  # Keep the k most likely tokens (0 = off, 1 = greedy).
+    c.num_samples = 1  # Completions per prompt.
+    c.batch_size = 64  # Prompts per sampler call (each call holds batch x samples rows).
+    c.rope_mode = "hf"  # LongRoPE at the 4096 crossing: hf (re-encode, as transformers) | fixed.
+    c.system = ""  # Extra system message (appended after the Phi-4-mini-reasoning preamble).
+    c.reasoning = True  # Phi-4-mini-reasoning chat format (False: the instruct format).
+    return c
+
+
+def load_model_and_tokenizer(config: ConfigDict):
+    """(model, tokenizer) from config.hf_dir or config.checkpoint, sharded over config.mesh."""
+    mesh = make_mesh(dict(config.mesh))
+    rules = tuple(tuple(r) if not isinstance(r[1], list) else (r[0], tuple(r[1]))
+                  for r in config.sharding_rules)
+    if bool(config.hf_dir) == bool(config.checkpoint):
+        raise ValueError("give exactly one of --config.hf_dir=... or --config.checkpoint=...")
+    if config.hf_dir:
+        model = load_hf(config.hf_dir, dtype=config.dtype, mesh=mesh, rules=rules)
+        tok_dir = config.hf_dir
+    else:
+        model, info, _ = checkpointing.restore_model(config.checkpoint, None, mesh, rules)
+        if config.dtype != model.config.param_dtype:
+            from phimr_jax.train.trainer import with_model_config
+            model = with_model_config(model, param_dtype=config.dtype, dtype=config.dtype)
+        tok_dir = info.get("tokenizer_dir", "")
+    path = config.tokenizer or tok_dir
+    if not path or not os.path.exists(path):
+        raise ValueError("no tokenizer for this model: pass --config.tokenizer=DIR_OR_MODEL")
+    return model, load_tokenizer("auto", path), mesh, rules
+
+
+def sample_questions(model, tokenizer, questions: Sequence[str], config: ConfigDict,
+                     seed: Optional[int] = None) -> list:
+    """Sample config.num_samples completions per question (chat format), in batches.
+
+    Returns one GenerateResult per batch of questions, rows prompt-major within a batch.
+    """
+    system = config.system or None
+    prompts = [tokenizer.prompt_ids(q, system, config.reasoning) for q in questions]
+    results: list[GenerateResult] = []
+    for start in range(0, len(prompts), config.batch_size):
+        batch = prompts[start:start + config.batch_size]
+        results.append(generate(
+            model, batch, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+            top_p=config.top_p, top_k=config.top_k, num_samples=config.num_samples,
+            seed=(config.seed if seed is None else seed) + start, stop_tokens=tokenizer.stop_ids,
+            rope_mode=config.rope_mode, pad_id=tokenizer.pad_id))
+        log.info("sampled %d / %d prompts", min(start + config.batch_size, len(prompts)),
+                 len(prompts))
+    return results
