@@ -15,8 +15,8 @@ and its own timeouts use `signal.alarm`, which works only in a process's main th
   whole process, so the 1-2 s import is paid once per worker, not per call.
 - Dispatch: each idle worker gets a chunk of up to `chunk_size` items (smaller near the end of a
   batch, to balance the workers) and answers item by item. The parent waits on all workers'
-  pipes with `select`; nothing here uses threads or signals.
-- Timeout, per item and exact: a worker's deadline is `timeout_s` after it received its chunk or
+  pipes with `poll`; nothing here uses threads or signals.
+- Timeout, per item: a worker's deadline is `timeout_s` after it received its chunk or
   sent its last answer, i.e. after it began its current item. At the deadline the parent
   SIGKILLs it, scores that item wrong (`num_timeouts`), puts the item's unanswered chunk-mates
   back at the front of the queue (they are not penalised) and starts a replacement, while the
@@ -38,6 +38,7 @@ child (the default pool is recreated there instead).
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import pickle
 import select
@@ -106,6 +107,17 @@ class _Worker:
                 pass
 
 
+def _readable(workers: list[_Worker], timeout_s: float) -> list[_Worker]:
+    """Workers with output or end-of-file to read, waiting up to `timeout_s`. poll, not select:
+    a trainer can hold more than select's 1024 file descriptors."""
+    poller = select.poll()
+    for w in workers:
+        poller.register(w.fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+    # Rounded up: waking a hair before a deadline would only spin once more.
+    events = {fd for fd, _ in poller.poll(max(0, math.ceil(timeout_s * 1000)))}
+    return [w for w in workers if w.fd in events]
+
+
 def _shutdown(workers: list[_Worker], owner_pid: int, grace_s: float = 1.0) -> None:
     """Close the workers' stdin (they exit), then SIGKILL whatever is still running."""
     if os.getpid() != owner_pid:  # a forked child must not touch its parent's workers
@@ -133,8 +145,10 @@ def _check_batch(completions, answers, mode: str) -> tuple[list, list]:
     completions, answers = list(completions), list(answers)
     if len(completions) != len(answers):
         raise ValueError(f"{len(completions)} completions but {len(answers)} answers")
-    # Datasets often store integer answers as numbers; anything else non-string is an error.
-    answers = [str(a) if isinstance(a, (int, float)) and not isinstance(a, bool) else a
+    # Plain str for pickling (np.str_ would make workers import numpy); datasets often store
+    # answers as numbers. Anything else that is not a string scores wrong, as an error.
+    completions = [str(c) if isinstance(c, str) else c for c in completions]
+    answers = [str(a) if isinstance(a, (str, numbers.Number)) and not isinstance(a, bool) else a
                for a in answers]
     return completions, answers
 
@@ -196,15 +210,20 @@ class RewardPool:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         with self._lock:
-            if not self._finalizer.alive:
-                raise RuntimeError("this RewardPool is closed")
-            if os.getpid() != self._pid:
-                raise RuntimeError("a RewardPool cannot be used in a forked child process")
+            self._check_usable()
             if mode == "choice":
                 ok, errors = _grade_choice_batch(completions, answers)
                 self.num_errors += errors
                 return ok
             return self._grade_math(completions, answers, timeout_s)
+
+    def wait_ready(self) -> None:
+        """Block until every worker has imported math_verify, e.g. so that the first training
+        step's timing does not include it (grading does not need this: it uses whoever is ready)."""
+        with self._lock:
+            self._check_usable()
+            while not all(w.ready for w in self._workers):
+                self._wait_and_collect(np.zeros(0, dtype=bool), deque(), self.timeout_s)
 
     def close(self) -> None:
         """Stop the workers (idempotent)."""
@@ -222,6 +241,12 @@ class RewardPool:
         self.close()
 
     # ------------------------------------------------------------------------------ scheduling
+
+    def _check_usable(self) -> None:
+        if not self._finalizer.alive:
+            raise RuntimeError("this RewardPool is closed")
+        if os.getpid() != self._pid:
+            raise RuntimeError("a RewardPool cannot be used in a forked child process")
 
     def _grade_math(self, completions: list, answers: list, timeout_s: float) -> np.ndarray:
         ok = np.zeros(len(completions), dtype=bool)
@@ -268,16 +293,14 @@ class RewardPool:
         wake = min([w.deadline for w in self._workers if w.pending]
                    + [w.started + self.start_timeout_s for w in self._workers if not w.ready],
                    default=now + 1.0)
-        readable, _, _ = select.select([w.fd for w in self._workers], [], [],
-                                       max(0.0, wake - now))
         # Resolve fds to workers now: a replacement started below may reuse a closed fd number.
-        readable = [w for w in self._workers if w.fd in readable]
+        readable = _readable(self._workers, wake - now)
         done = sum(self._read(w, ok, todo, timeout_s) for w in readable)
 
         now = time.monotonic()
         for w in list(self._workers):
             if w.pending and now >= w.deadline:
-                if select.select([w.fd], [], [], 0)[0]:  # answered at the last moment?
+                if _readable([w], 0.0):  # answered at the last moment?
                     done += self._read(w, ok, todo, timeout_s)
                     if w not in self._workers or not w.pending or w.deadline > now:
                         continue
@@ -361,7 +384,7 @@ def math_reward(completions: Sequence[str], answers: Sequence[str], *, mode: str
     """float32 [len(completions)]: `correct` where the completion's final answer is equivalent to
     its gold answer, `incorrect` otherwise (no answer, parse failure, timeout, any error).
 
-    mode: "math" (Math-Verify) or "choice" (one letter A-D, e.g. GPQA). timeout_s: per-item
+    mode: "math" (Math-Verify) or "choice" (one letter, e.g. GPQA's A-D). timeout_s: per-item
     limit (default: the pool's, 5 s for the default pool). pool: default `default_pool()`.
     """
     if pool is not None:
