@@ -21,6 +21,7 @@ STAGES = {
     "sft": "phimr_jax.train.sft:run",
     "generate": "phimr_jax.train.generation:run",
     "bench": "phimr_jax.train.bench:run",
+    "eval": "phimr_jax.train.evaluation:run",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file[:preset].",

@@ -59,7 +59,8 @@ class ChatTokenizer(abc.ABC):
 
     @abc.abstractmethod
     def decode(self, ids: Sequence[int]) -> str:
-        """Text of `ids`, special tokens written out."""
+        """Text of `ids`, special tokens written out. Ids the tokenizer cannot produce (the
+        model's vocab may be padded larger) are skipped."""
 
     @property
     @abc.abstractmethod
@@ -173,7 +174,9 @@ class HFTokenizer(ChatTokenizer):
         return [list(x) for x in self._tok(list(texts), add_special_tokens=False)["input_ids"]]
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+        n = self.vocab_size
+        return self._tok.decode([int(i) for i in ids if 0 <= int(i) < n],
+                                skip_special_tokens=False)
 
     @property
     def vocab_size(self) -> int:
@@ -228,7 +231,8 @@ class SentencePieceTokenizer(ChatTokenizer):
         return [list(x) for x in self._sp.encode(list(texts))]
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._sp.decode([int(i) for i in ids])
+        n = self.vocab_size
+        return self._sp.decode([int(i) for i in ids if 0 <= int(i) < n])
 
     @property
     def vocab_size(self) -> int:

@@ -69,7 +69,7 @@ def _pow2(n: int, lo: int = 64) -> int:
 def _filter_logits(logits, temperature, top_p, top_k):
     """Sampling logits: divided by temperature, then top-k and top-p applied (traced values;
     top_k <= 0 and top_p >= 1 disable them). Ties at a cutoff are all kept."""
-    scaled = logits / jnp.maximum(temperature, 1e-6)
+    scaled = jnp.where(logits > _NEG, logits / jnp.maximum(temperature, 1e-6), _NEG)
     vocab = scaled.shape[-1]
 
     def filtered(x):
@@ -87,13 +87,16 @@ def _filter_logits(logits, temperature, top_p, top_k):
     return jax.lax.cond(needs_sort, filtered, lambda x: x, scaled)
 
 
-def _pick(logits, key, temperature, top_p, top_k):
-    """(token, log p_model, log q_sampling) for one decoding step of every row."""
+def _pick(logits, key, temperature, top_p, top_k, vocab_limit):
+    """(token, log p_model, log q_sampling) for one decoding step of every row. Ids at or above
+    `vocab_limit` (padded embedding rows no tokenizer produces) are never drawn; the model
+    log-prob stays over the full vocab, as a trainer computes it."""
     model_lp = jax.nn.log_softmax(logits, axis=-1)
     greedy = (temperature <= 0) | (top_k == 1)
-    samp_logits = _filter_logits(logits, temperature, top_p, top_k)
+    allowed = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, _NEG)
+    samp_logits = _filter_logits(allowed, temperature, top_p, top_k)
     sampled = jax.random.categorical(key, samp_logits, axis=-1)
-    token = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
+    token = jnp.where(greedy, jnp.argmax(allowed, axis=-1), sampled).astype(jnp.int32)
     samp_lp = jnp.where(greedy, 0.0, jnp.take_along_axis(
         jax.nn.log_softmax(samp_logits, axis=-1), token[:, None], axis=-1)[:, 0])
     return token, jnp.take_along_axis(model_lp, token[:, None], axis=-1)[:, 0], samp_lp
@@ -101,7 +104,7 @@ def _pick(logits, key, temperature, top_p, top_k):
 
 @partial(jax.jit, static_argnames=("budget", "hf_rope"))
 def _sample(model, ids, segment_ids, positions, key, temperature, top_p, top_k, stop_ids,
-            limit, fixed_long, *, budget: int, hf_rope: bool):
+            limit, fixed_long, vocab_limit, *, budget: int, hf_rope: bool):
     bsz, plen = ids.shape
     ids = constrain(ids, ("batch", "length"))
     cache = model.init_cache(bsz, plen + budget)
@@ -135,7 +138,7 @@ def _sample(model, ids, segment_ids, positions, key, temperature, top_p, top_k, 
     def body(state):
         t, logits, cache, done, out, lp, slp = state
         tok, model_lp, samp_lp = _pick(logits, jax.random.fold_in(key, t), temperature, top_p,
-                                       top_k)
+                                       top_k, vocab_limit)
         tok = jnp.where(done, 0, tok)
         out = out.at[:, t].set(tok)
         lp = lp.at[:, t].set(jnp.where(done, 0.0, model_lp))
@@ -159,10 +162,12 @@ def _sample(model, ids, segment_ids, positions, key, temperature, top_p, top_k, 
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, num_samples: int = 1,
              seed: int = 0, stop_tokens: Optional[Sequence[int]] = None, rope_mode: str = "hf",
-             pad_id: int = 0) -> GenerateResult:
+             pad_id: int = 0, vocab_limit: Optional[int] = None) -> GenerateResult:
     """Sample `num_samples` completions of each prompt (token-id lists); see module docstring.
 
     stop_tokens: None = the model's stop tokens (<|end|>, <|endoftext|>); [] = never stop early.
+    vocab_limit: never draw ids >= this (pass the tokenizer's size when the model's embedding
+    is padded beyond it, as Phi-4-mini's is); None = the whole vocab.
     """
     if rope_mode not in ("hf", "fixed"):
         raise ValueError(f"rope_mode must be 'hf' or 'fixed', got {rope_mode!r}")
@@ -187,7 +192,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
         model, ids, seg, pos, jax.random.key(seed), jnp.float32(temperature),
         jnp.float32(top_p), jnp.int32(top_k), jnp.asarray(stops or [-1], jnp.int32),
         jnp.int32(max_new_tokens), jnp.asarray(rope_regime(cfg, longest + max_new_tokens)),
-        budget=budget, hf_rope=rope_mode == "hf")
+        jnp.int32(vocab_limit or cfg.vocab_size), budget=budget, hf_rope=rope_mode == "hf")
     out, lp, slp = np.asarray(out)[:n], np.asarray(lp)[:n], np.asarray(slp)[:n]
     tokens, lps, slps, lengths, reasons = [], [], [], [], []
     for i in range(n):

@@ -127,7 +127,8 @@ def heldout_accuracy(model, tokenizer, config: ConfigDict) -> dict:
                         config.data.eval_problems, tokenizer)
     completions = generate(model, [e["prompt_ids"] for e in examples],
                            max_new_tokens=config.data.eval_max_new_tokens, top_k=1,
-                           stop_tokens=tokenizer.stop_ids, pad_id=tokenizer.pad_id).tokens
+                           stop_tokens=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
+                           vocab_limit=tokenizer.vocab_size).tokens
     correct = finished = 0
     for e, toks in zip(examples, completions):
         stopped = bool(toks) and toks[-1] in tokenizer.stop_ids

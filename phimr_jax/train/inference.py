@@ -74,7 +74,8 @@ def sample_questions(model, tokenizer, questions: Sequence[str], config: ConfigD
             model, batch, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
             top_p=config.top_p, top_k=config.top_k, num_samples=config.num_samples,
             seed=(config.seed if seed is None else seed) + start, stop_tokens=tokenizer.stop_ids,
-            rope_mode=config.rope_mode, pad_id=tokenizer.pad_id))
+            rope_mode=config.rope_mode, pad_id=tokenizer.pad_id,
+            vocab_limit=tokenizer.vocab_size))
         log.info("sampled %d / %d prompts", min(start + config.batch_size, len(prompts)),
                  len(prompts))
     return results

@@ -200,3 +200,18 @@ def test_sharded_generation_equals_single_device():
         got = generate(sharded, prompts, max_new_tokens=16, top_k=1, stop_tokens=[])
     want = generate(plain, prompts, max_new_tokens=16, top_k=1, stop_tokens=[])
     assert got.tokens == want.tokens
+
+
+def test_vocab_limit_is_never_sampled_but_model_logprobs_cover_all(small_vocab):
+    """Padded embedding rows (ids >= the tokenizer's size) are never drawn, greedy included."""
+    logits = _last_logits(small_vocab, [1, 2, 3])
+    top = int(np.argmax(logits))
+    res = generate(small_vocab, [[1, 2, 3]], max_new_tokens=1, num_samples=2000, stop_tokens=[],
+                   vocab_limit=top, seed=0)  # the most likely id and all above are excluded
+    toks = np.array([t[0] for t in res.tokens])
+    assert toks.max() < top and len(set(toks.tolist())) > 1
+    greedy = generate(small_vocab, [[1, 2, 3]], max_new_tokens=1, top_k=1, vocab_limit=top,
+                      stop_tokens=[])
+    assert greedy.tokens[0][0] == int(np.argmax(logits[:top]))
+    lp = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
+    assert greedy.logprobs[0][0] == pytest.approx(lp[greedy.tokens[0][0]], abs=1e-4)

@@ -1,0 +1,135 @@
+"""Stage `eval`: the paper's evaluation protocol on a JSONL benchmark.
+
+Protocol (paper / model card, ../shared/reference/PHI4_MINI.md): each problem is asked in the
+Phi-4-mini-reasoning chat format with the suffix "Please reason step by step, and put your final
+answer within \\boxed{}."; k samples per problem at temperature 0.6, top-p 0.95; each sample is
+graded by Math-Verify (gold first) in the reward pool; pass@1 is the mean over problems of the
+fraction of correct samples, with its standard error over problems.
+
+Dataset shapes (as their maintainers distribute them; field names configurable):
+- `math` (MATH-500, AIME): a problem field and a gold-answer field (`problem`, `answer`).
+- `gpqa` (GPQA-Diamond): `Question`, `Correct Answer`, `Incorrect Answer 1..3`. The four
+  choices are shuffled per problem with a fixed seed, listed as A) .. D), and the sample must
+  box the right letter (the reward pool's choice mode).
+
+Writes `workdir/eval/<name>.json` (summary + per-problem results) and prints a table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+
+from phimr_jax.data.sources import open_records
+from phimr_jax.model.sharding import axis_rules
+from phimr_jax.train.inference import load_model_and_tokenizer, sample_questions
+
+log = logging.getLogger(__name__)
+
+MATH_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
+GPQA_SUFFIX = ("Please reason step by step, and put your final answer (the letter A, B, C or D "
+               "of the correct choice) within \\boxed{}.")
+GPQA_FIELDS = ("Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
+               "Incorrect Answer 3")
+
+
+def load_problems(config: ConfigDict) -> tuple[list, list, str]:
+    """(questions with the protocol suffix, gold answers, grading mode) from config.dataset."""
+    if config.format == "math":
+        source = open_records(config.dataset, fields={"problem": config.problem_field,
+                                                      "answer": config.answer_field},
+                              required=("problem",))
+        records = [source[i] for i in range(len(source))]
+        missing = [i for i, r in enumerate(records) if r.get("answer") in (None, "")]
+        if missing:
+            raise ValueError(f"{len(missing)} problems of {config.dataset} have no "
+                             f"{config.answer_field!r} (first: record {missing[0]})")
+        questions = [f"{r['problem']}\n{config.suffix or MATH_SUFFIX}" for r in records]
+        return questions, [str(r["answer"]) for r in records], "math"
+    if config.format == "gpqa":
+        source = open_records(config.dataset, fields={f: f for f in GPQA_FIELDS},
+                              required=GPQA_FIELDS)
+        questions, golds = [], []
+        for i in range(len(source)):
+            r = source[i]
+            choices = [r["Correct Answer"]] + [r[f"Incorrect Answer {k}"] for k in (1, 2, 3)]
+            order = list(range(4))
+            random.Random(config.seed * 100003 + i).shuffle(order)
+            listed = "\n".join(f"{'ABCD'[j]}) {choices[c].strip()}" for j, c in enumerate(order))
+            questions.append(f"{r['Question'].strip()}\n\n{listed}\n\n{config.suffix or GPQA_SUFFIX}")
+            golds.append("ABCD"[order.index(0)])
+        return questions, golds, "choice"
+    raise ValueError(f"format must be math or gpqa, got {config.format!r}")
+
+
+def pass_at_1(correct: np.ndarray) -> tuple[float, float]:
+    """(pass@1, its standard error) from a [problems, k] boolean matrix: the mean over
+    problems of each problem's fraction of correct samples, SE over problems."""
+    per_problem = correct.mean(axis=1)
+    n = len(per_problem)
+    se = float(per_problem.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+    return float(per_problem.mean()), se
+
+
+def run(config: ConfigDict) -> dict:
+    from phimr_jax.train.rewards import RewardPool
+
+    if not config.dataset:
+        raise ValueError("missing required option --config.dataset=FILE.jsonl")
+    if not config.workdir:
+        raise ValueError("missing required option --config.workdir=...")
+    name = config.name or os.path.splitext(os.path.basename(config.dataset))[0]
+    questions, golds, mode = load_problems(config)
+    if config.limit > 0:
+        questions, golds = questions[:config.limit], golds[:config.limit]
+    model, tokenizer, mesh, rules = load_model_and_tokenizer(config)
+    with jax.set_mesh(mesh), axis_rules(rules):
+        results = sample_questions(model, tokenizer, questions, config)
+    k = config.num_samples
+    texts, lengths, reasons = [], [], []
+    for res in results:
+        for toks, reason in zip(res.tokens, res.finish_reasons):
+            texts.append(tokenizer.decode(toks[:-1] if reason == "stop" else toks))
+            lengths.append(len(toks))
+            reasons.append(reason)
+    gold_rows = [g for g in golds for _ in range(k)]
+    with RewardPool(num_workers=config.grader_workers, timeout_s=config.grader_timeout_s) as pool:
+        correct = pool.grade(texts, gold_rows, mode=mode)
+        timeouts = pool.num_timeouts
+    correct = np.asarray(correct, bool).reshape(len(questions), k)
+    score, se = pass_at_1(correct)
+    summary = {"name": name, "dataset": os.path.abspath(config.dataset), "problems": len(questions),
+               "samples_per_problem": k, "pass@1": score, "stderr": se,
+               "mean_tokens": float(np.mean(lengths)),
+               "truncated": float(np.mean([r == "length" for r in reasons])),
+               "grader_timeouts": int(timeouts), "temperature": config.temperature,
+               "top_p": config.top_p, "max_new_tokens": config.max_new_tokens,
+               "model": config.hf_dir or config.checkpoint}
+    problems = [{"question": questions[i], "gold": golds[i],
+                 "correct": correct[i].tolist(), "pass@1": float(correct[i].mean()),
+                 "completions": texts[i * k:(i + 1) * k] if config.save_completions else [],
+                 "num_tokens": lengths[i * k:(i + 1) * k]} for i in range(len(questions))]
+    if jax.process_index() == 0:
+        out_dir = os.path.join(config.workdir, "eval")
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+            json.dump({"summary": summary, "problems": problems}, f, indent=1)
+        print(format_table([summary]))
+    return summary
+
+
+def format_table(summaries: list) -> str:
+    rows = [f"| benchmark | problems | k | pass@1 (%) | ± SE | mean tokens | truncated |",
+            "|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        rows.append(f"| {s['name']} | {s['problems']} | {s['samples_per_problem']} | "
+                    f"{100 * s['pass@1']:.1f} | {100 * s['stderr']:.1f} | "
+                    f"{s['mean_tokens']:.0f} | {100 * s['truncated']:.0f}% |")
+    return "\n".join(rows)
