@@ -22,6 +22,8 @@ STAGES = {
     "generate": "phimr_jax.train.generation:run",
     "bench": "phimr_jax.train.bench:run",
     "eval": "phimr_jax.train.evaluation:run",
+    "curate": "phimr_jax.train.curate:run",
+    "dpo": "phimr_jax.train.dpo:run",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file[:preset].",

@@ -101,7 +101,7 @@ class _Featurize:
         return example_arrays(self.tokenizer, self.source[int(index)])
 
 
-class _PadRow:
+class PadRow:
     """grain map: one example -> one right-padded row with positions and segment ids."""
 
     def __init__(self, seq_len: int, pad_id: int):
@@ -274,7 +274,7 @@ def sft_dataset(source, tokenizer: ChatTokenizer, *, seq_len: int, batch_size: i
     kept, stats = prepass(source, tokenizer, seq_len=seq_len, shard_index=shard_index,
                           shard_count=shard_count, keep=_make_filter(min_difficulty, domains))
     ds = _examples(kept, source, tokenizer, seed=seed, num_epochs=num_epochs, shuffle=shuffle)
-    ds = ds.map(_PadRow(seq_len, tokenizer.pad_id))
+    ds = ds.map(PadRow(seq_len, tokenizer.pad_id))
     ds = ds.to_iter_dataset(_read_options(batch_size, read_threads))
     return ds.batch(batch_size, drop_remainder=True), stats
 

@@ -165,7 +165,10 @@ class Phi3ForCausalLM(nnx.Module):
         cfg = self.config
         shape = (cfg.num_layers, batch_size, max_length, cfg.num_kv_heads, cfg.resolved_head_dim)
         dtype = dtype or cfg.jnp_dtype
-        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+        # Sharded like the activations: rows over the batch axes, KV heads over `tensor`.
+        axes = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+        return KVCache(k=constrain(jnp.zeros(shape, dtype), axes),
+                       v=constrain(jnp.zeros(shape, dtype), axes),
                        segment_ids=jnp.zeros((batch_size, max_length), jnp.int32),
                        index=jnp.zeros((), jnp.int32), long_rope=jnp.zeros((), bool))
 

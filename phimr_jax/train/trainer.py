@@ -66,6 +66,9 @@ class Stage:
     weight_fn: Callable  # (batch) -> total weight of the global batch
     evaluate: Optional[Callable] = None  # (model, tokenizer, config) -> {metric: value}
     tokenizer_fn: Optional[Callable] = None  # (config, inherited_dir) -> (tokenizer, dir)
+    # (model, tokenizer, config, resumed) -> None: runs before make_data, with the initial
+    # model (abstract when resumed), e.g. DPO scoring its pairs under the frozen reference.
+    prepare: Optional[Callable] = None
 
 
 class _IteratorSnapshot:
@@ -217,6 +220,8 @@ def _train(config, stage, workdir, mesh, rules) -> dict:
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab is "
                          f"{model.config.vocab_size}")
+    if stage.prepare is not None:
+        stage.prepare(model, tokenizer, config, resume_step is not None)
     dataset, stats = stage.make_data(config, tokenizer)
     total_steps = _resolve_total_steps(config, stats)
     tx = make_optimizer(config.optim, total_steps)

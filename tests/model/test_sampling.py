@@ -215,3 +215,13 @@ def test_vocab_limit_is_never_sampled_but_model_logprobs_cover_all(small_vocab):
     assert greedy.tokens[0][0] == int(np.argmax(logits[:top]))
     lp = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
     assert greedy.logprobs[0][0] == pytest.approx(lp[greedy.tokens[0][0]], abs=1e-4)
+
+
+def test_kv_cache_is_sharded_by_the_rules():
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    m = init_model(mc.tiny(), seed=0, mesh=mesh)
+    with jax.set_mesh(mesh):
+        cache = jax.jit(lambda model: model.init_cache(8, 16))(m)
+    assert cache.k.sharding.spec == jax.sharding.PartitionSpec(None, ("data", "fsdp"), None,
+                                                                "tensor")
+    assert cache.k.addressable_shards[0].data.shape == (2, 2, 16, 1, 16)
