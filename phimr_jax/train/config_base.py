@@ -30,6 +30,7 @@ def train_config(stage: str) -> ConfigDict:
     c.keep_checkpoints = 3  # Keep the K newest checkpoints (0 = all).
     c.async_checkpoint = True  # Write checkpoints in the background while training goes on.
     c.eval_every_steps = 0  # Run the stage's evaluation every N steps (0 = only at the end).
+    c.eval_at_start = False  # Also evaluate the initial model (logged at step 0) on a fresh run.
     c.tensorboard = True  # Also write TensorBoard summaries when TensorFlow is installed.
     c.model = ConfigDict()
     c.model.preset = "demo"  # Architecture for a fresh init (demo | phi4_mini | tiny).

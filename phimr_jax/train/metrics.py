@@ -15,10 +15,29 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 
 
-def averaging_collection(names) -> type:
-    """A clu Collection that averages each named scalar over the steps of a log window."""
-    return clu_metrics.Collection.create(
-        **{name: clu_metrics.Average.from_output(name) for name in names})
+class WindowAverage:
+    """Averages each named scalar over the steps of a log window with a clu Collection.
+
+    clu builds the collection as a dataclass, so names like "rewards/chosen" are mapped to
+    identifiers on the way in and back on the way out."""
+
+    def __init__(self, names):
+        self._safe = {name: "m_" + "".join(c if c.isalnum() else "_" for c in name)
+                      for name in names}
+        self._back = {v: k for k, v in self._safe.items()}
+        self._type = clu_metrics.Collection.create(
+            **{safe: clu_metrics.Average.from_output(safe) for safe in self._safe.values()})
+        self._window = None
+
+    def add(self, values: dict) -> None:
+        update = self._type.single_from_model_output(
+            **{self._safe[k]: v for k, v in values.items()})
+        self._window = update if self._window is None else self._window.merge(update)
+
+    def compute_and_reset(self) -> dict:
+        out = {self._back[k]: v for k, v in self._window.compute().items()}
+        self._window = None
+        return out
 
 
 class MetricWriter:

@@ -42,7 +42,7 @@ from phimr_jax.model.config import ModelConfig, preset
 from phimr_jax.model.hf_io import load_hf
 from phimr_jax.model.phi3 import Phi3ForCausalLM, abstract_model, init_model
 from phimr_jax.train import checkpointing
-from phimr_jax.train.metrics import MetricWriter, Progress, averaging_collection
+from phimr_jax.train.metrics import MetricWriter, Progress, WindowAverage
 from phimr_jax.train.optim import make_optimizer, schedule
 
 log = logging.getLogger(__name__)
@@ -252,8 +252,10 @@ def _train(config, stage, workdir, mesh, rules) -> dict:
         opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
         start_step = 0
         log.info("%s: initialised from %s; %d steps", stage.name, source, total_steps)
-        writer.write(0, {f"data/{k}": v for k, v in stats.items()
-                         if isinstance(v, (int, float))})
+        start_values = {f"data/{k}": v for k, v in stats.items() if isinstance(v, (int, float))}
+        if config.get("eval_at_start") and stage.evaluate:
+            start_values.update(stage.evaluate(nnx.merge(graphdef, params), tokenizer, config))
+        writer.write(0, start_values)
 
     accum = int(config.optim.grad_accum_steps)
     if config.data.global_batch_size % (accum * jax.process_count()):
@@ -283,8 +285,8 @@ class _Loop:
                 _IteratorSnapshot(self.data_iter.get_state())),
             run_info=ocp.args.JsonSave(self.info)))
 
-    def log_values(self, step, window, progress, params) -> dict:
-        values = {k: float(v) for k, v in window.compute().items()}
+    def log_values(self, step, window, progress) -> dict:
+        values = {k: float(v) for k, v in window.compute_and_reset().items()}
         if not all(np.isfinite(v) for v in values.values()):
             raise NonFiniteLossError(
                 f"non-finite metrics at step {step} ({values}); stopped, last good checkpoint "
@@ -299,7 +301,7 @@ class _Loop:
     def run(self, step_fn, params, opt_state, step, mesh, rules) -> dict:
         config, total = self.config, self.total_steps
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
-        collection_type, window, last = None, None, {}
+        window, last = None, {}
         progress = Progress(total, step)
         try:
             while step < total:
@@ -314,10 +316,9 @@ class _Loop:
                 params, opt_state, metrics = step_fn(params, opt_state,
                                                      _global_batch(local, mesh, rules))
                 step += 1
-                if collection_type is None:
-                    collection_type = averaging_collection(sorted(metrics))
-                update = collection_type.single_from_model_output(**metrics)
-                window = update if window is None else window.merge(update)
+                if window is None:
+                    window = WindowAverage(sorted(metrics))
+                window.add(metrics)
                 progress.add_tokens(float(np.sum(local.get("segment_ids", local["inputs"]) > 0)))
                 is_last = step == total
                 preempted = self.stop_requested or (
@@ -326,8 +327,7 @@ class _Loop:
                 eval_now = bool(self.stage.evaluate and config.eval_every_steps and (
                     is_last or step % config.eval_every_steps == 0))
                 if step % config.log_every_steps == 0 or checkpoint_now or eval_now:
-                    values = self.log_values(step, window, progress, params)
-                    window = None
+                    values = self.log_values(step, window, progress)
                     if eval_now:
                         model = nnx.merge(self.graphdef, params)
                         values.update(self.stage.evaluate(model, self.tokenizer, config))

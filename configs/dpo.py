@@ -1,0 +1,47 @@
+"""Stage 3: rollout DPO on (correct, incorrect) rollouts of the same problem, reference = the
+stage-2 model (frozen; its log-probs are computed once before training).
+
+  python -m phimr_jax.main --config=configs/dpo.py:demo --config.workdir=runs/demo/dpo \
+      --config.init.checkpoint=runs/demo/sft
+  python -m phimr_jax.main --config=configs/dpo.py:phi4_mini --config.workdir=RUN3 \
+      --config.init.checkpoint=RUN2 --config.data.train_files=CURATED/dpo_pairs.jsonl
+"""
+
+from ml_collections import ConfigDict
+
+from phimr_jax.train.config_base import data_config, phi4_mini_training, train_config
+
+
+def get_config(arg="demo"):
+    c = train_config("dpo")
+    c.data = data_config()
+    # Pair records: the curate stage's dpo_pairs.jsonl schema.
+    c.data.fields = ConfigDict({"problem": "problem", "chosen": "chosen", "rejected": "rejected",
+                                "answer": "answer", "difficulty": "difficulty",
+                                "domain": "domain"})
+    c.data.eval_pairs = ""  # Held-out pairs for preference accuracy / margin at evaluations.
+    c.data.num_epochs = 1  # Paper: 1 epoch.
+    c.dpo = ConfigDict()
+    c.dpo.beta = 0.1  # DPO temperature. Not published; 0.1 = the TRL / Tunix / EasyDeL default.
+    c.dpo.label_smoothing = 0.0  # Conservative DPO: assumed rate of flipped preferences.
+    c.optim.warmup_fraction = 0.1
+    c.optim.decay = "linear"
+    if arg == "demo":
+        # From the demo SFT run (--config.init.checkpoint); pairs = correct solution vs the
+        # demo generator's deliberate mistake on the same problem.
+        c.model.preset = "demo"
+        c.data.demo = True
+        c.data.seq_len = 192
+        c.data.global_batch_size = 16  # rows = 8 pairs per step
+        c.total_steps = 80
+        c.optim.learning_rate = 5e-5
+        c.log_every_steps = 10
+        c.checkpoint_every_steps = 40
+        c.eval_every_steps = 40
+    elif arg == "phi4_mini":
+        # The paper's stage 3: LR 5e-7, 1 epoch, 16K tokens. Batch not published: 64 pairs.
+        phi4_mini_training(c, seq_len=16384, learning_rate=5e-7)
+        c.total_steps = -1  # 1 epoch of the pairs.
+    else:
+        raise ValueError(f"unknown preset {arg!r}: demo | phi4_mini")
+    return c

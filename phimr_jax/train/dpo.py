@@ -1,0 +1,236 @@
+"""Stage 3, rollout DPO (paper section 3.3).
+
+Objective: the sigmoid DPO loss on preference pairs of the same problem — chosen = a verified
+correct rollout, rejected = an incorrect one (the rollouts stage 1 discarded):
+
+    loss = -(1 - eps) * log sigma(beta * m) - eps * log sigma(-beta * m),
+    m = (log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected)),
+
+with log-probs summed over the completion tokens only (the rollout and its final <|end|>; the
+prompt is not scored), beta = 0.1 by default (the paper does not publish it; 0.1 is the
+TRL/Tunix/EasyDeL default), label smoothing eps = 0 by default (conservative DPO when > 0).
+Chosen and rejected rows of a pair sit side by side in one batch.
+
+Reference: the initial policy (the stage-2 checkpoint, `init.checkpoint`), frozen. Its
+log-probs of every pair are computed ONCE, before training (`prepare`), and saved to
+`workdir/dpo_reference.npz`; training then holds a single model in memory, and a resumed run
+reuses the saved values instead of rescoring with a policy that has moved. Reference values
+enter the loss under stop_gradient.
+
+Paper: LR 5e-7, 1 epoch, 16K tokens (configs/dpo.py:phi4_mini). Simplifications: a local
+workdir for the reference file; every process scores every pair (multi-host: the same values
+on all hosts); pairs with a side longer than seq_len are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+from ml_collections import ConfigDict
+
+from phimr_jax.data import demo_corpus
+from phimr_jax.data.pairs import dpo_dataset, kept_pairs, pair_batches
+from phimr_jax.data.sources import open_records
+from phimr_jax.model import sharding
+from phimr_jax.train import distill, losses
+from phimr_jax.train.trainer import Stage, train
+
+log = logging.getLogger(__name__)
+REFERENCE_FILE = "dpo_reference.npz"
+
+
+def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta: float,
+             label_smoothing: float = 0.0):
+    """(per-pair losses, per-pair beta-scaled margins) of the sigmoid DPO loss."""
+    ref_chosen = jax.lax.stop_gradient(ref_chosen)
+    ref_rejected = jax.lax.stop_gradient(ref_rejected)
+    margin = beta * ((pi_chosen - ref_chosen) - (pi_rejected - ref_rejected))
+    loss = (-(1.0 - label_smoothing) * jax.nn.log_sigmoid(margin)
+            - label_smoothing * jax.nn.log_sigmoid(-margin))
+    return loss, margin
+
+
+def sequence_logps(model, batch: dict, chunk_size: int) -> jax.Array:
+    """Sum of the completion tokens' log-probs of every row: [rows]."""
+    logp, _ = losses.token_logprobs(model, batch, chunk_size)
+    return jnp.sum(logp * batch["loss_mask"], axis=-1)
+
+
+def pair_loss(model, batch: dict, *, beta: float, label_smoothing: float, chunk_size: int):
+    """Trainer loss: (loss_sum, number of pairs, metric sums); rows 2i / 2i+1 = pair i."""
+    seq = sequence_logps(model, batch, chunk_size)
+    ref = batch["ref_logp"]
+    pi_c, pi_r, ref_c, ref_r = seq[0::2], seq[1::2], ref[0::2], ref[1::2]
+    loss, margin = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta, label_smoothing)
+    chosen, rejected = beta * (pi_c - ref_c), beta * (pi_r - ref_r)
+    sums = {"loss": loss.sum(), "rewards/chosen": chosen.sum(),
+            "rewards/rejected": rejected.sum(), "rewards/margin": margin.sum(),
+            "preference_accuracy": (margin > 0).sum().astype(jnp.float32),
+            "logps/chosen": pi_c.sum(), "logps/rejected": pi_r.sum()}
+    return loss.sum(), jnp.float32(pi_c.shape[0]), sums
+
+
+def pair_weight(batch: dict) -> jax.Array:
+    return jnp.float32(batch["inputs"].shape[0] // 2)
+
+
+# ---------------------------------------------------------------------------- data
+def _demo_pairs(config: ConfigDict) -> dict:
+    """Demo pairs from the synthetic corpus: the correct solution vs the generator's deliberate
+    arithmetic mistake, for the training and the held-out problems."""
+    paths = distill.demo_paths(config)
+    out = {}
+    for split, src in (("train", paths["train"]), ("heldout", paths["heldout"])):
+        path = os.path.join(os.path.dirname(src), f"pairs_{split}.jsonl")
+        if not os.path.exists(path):
+            rng = random.Random(config.seed + (split == "heldout"))
+            with open(src) as f, open(path + ".tmp", "w") as g:
+                for line in f:
+                    rec = json.loads(line)
+                    wrong = demo_corpus.wrong_solution(rec, rng)
+                    g.write(json.dumps({"problem": rec["problem"], "chosen": rec["solution"],
+                                        "rejected": wrong["solution"], "answer": rec["answer"],
+                                        "difficulty": rec["difficulty"],
+                                        "domain": rec["domain"]}) + "\n")
+            os.replace(path + ".tmp", path)
+        out[split] = path
+    return out
+
+
+def pair_files(config: ConfigDict) -> tuple[str, str]:
+    train, heldout = config.data.train_files, config.data.eval_pairs
+    if config.data.demo:
+        pairs = _demo_pairs(config)
+        train, heldout = train or pairs["train"], heldout or pairs["heldout"]
+    if not train:
+        raise ValueError("no preference pairs: set --config.data.train_files=PAIRS.jsonl (the "
+                         "curate stage's dpo_pairs.jsonl) or data.demo")
+    return train, heldout
+
+
+def _open_pairs(config: ConfigDict, files: str):
+    fields = dict(config.data.fields)
+    return open_records(files, fields=fields, required=("problem", "chosen", "rejected"),
+                        skip_malformed=config.data.skip_malformed)
+
+
+def _score_pairs(model, source, tokenizer, indices, config) -> np.ndarray:
+    """[len(indices), 2] summed completion log-probs (chosen, rejected) under `model`."""
+    mesh = jax.sharding.get_abstract_mesh()
+    chunk = int(config.loss.chunk_size)
+    per_batch = max(1, config.data.global_batch_size // 2)
+    out_sharding = NamedSharding(jax.sharding.get_mesh(), PartitionSpec()) \
+        if not mesh.empty else None
+    score = jax.jit(lambda m, b: sequence_logps(m, b, chunk), out_shardings=out_sharding)
+    result = np.zeros((len(indices), 2), np.float32)
+    at = 0
+    for idx, rows in pair_batches(source, tokenizer, indices, config.data.seq_len, per_batch):
+        rows = {k: _replicated(v) for k, v in rows.items() if k != "ref_logp"}
+        seq = np.asarray(score(model, rows)).reshape(-1, 2)
+        result[at:at + len(idx)] = seq[:len(idx)]
+        at += len(idx)
+    return result
+
+
+def _replicated(x: np.ndarray):
+    """Host array present on every process -> a global array sharded over the batch axes."""
+    mesh = jax.sharding.get_mesh()
+    if mesh.empty:
+        return x
+    spec = sharding.logical_to_spec(("batch", "length")[:x.ndim], x.shape, mesh,
+                                    sharding.DEFAULT_RULES)
+    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda i: x[i])
+
+
+def prepare_reference(model, tokenizer, config: ConfigDict, resumed: bool) -> None:
+    """Score every kept training pair and every held-out pair under the initial policy."""
+    path = os.path.join(os.path.abspath(config.workdir), REFERENCE_FILE)
+    if os.path.exists(path):
+        return
+    if resumed:
+        raise FileNotFoundError(f"resuming DPO needs the reference log-probs {path}, which are "
+                                "gone; start a fresh run directory")
+    train_files, heldout_files = pair_files(config)
+    arrays = {}
+    for split, files in (("train", train_files), ("heldout", heldout_files)):
+        if not files:
+            continue
+        source = _open_pairs(config, files)
+        kept, stats = kept_pairs(source, tokenizer, config.data.seq_len)
+        log.info("scoring %d %s pairs under the reference policy (%s)", len(kept), split, stats)
+        arrays[f"{split}_index"] = kept
+        arrays[f"{split}_ref"] = _score_pairs(model, source, tokenizer, kept, config)
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        np.savez(path + ".tmp.npz", **arrays)
+        os.replace(path + ".tmp.npz", path)
+
+
+def _reference(config: ConfigDict, split: str) -> dict:
+    with np.load(os.path.join(os.path.abspath(config.workdir), REFERENCE_FILE)) as f:
+        if f"{split}_index" not in f:
+            return {}
+        return {int(i): tuple(r) for i, r in zip(f[f"{split}_index"], f[f"{split}_ref"])}
+
+
+def make_data(config: ConfigDict, tokenizer):
+    train_files, _ = pair_files(config)
+    source = _open_pairs(config, train_files)
+    count, index = jax.process_count(), jax.process_index()
+    if config.data.global_batch_size % (2 * count):
+        raise ValueError("data.global_batch_size counts rows (2 per pair) and must divide "
+                         "evenly over processes")
+    kept, stats = kept_pairs(source, tokenizer, config.data.seq_len, index, count)
+    ref = _reference(config, "train")
+    dataset = dpo_dataset(source, tokenizer, kept, ref, seq_len=config.data.seq_len,
+                          pairs_per_batch=config.data.global_batch_size // 2 // count,
+                          seed=config.seed, shuffle=config.data.shuffle,
+                          read_threads=config.data.read_threads)
+    out = stats.as_dict()
+    out["rows_per_epoch"] = 2 * stats.num_kept * count
+    return dataset, out
+
+
+def evaluate(model, tokenizer, config: ConfigDict) -> dict:
+    """Held-out pairs (preference accuracy, margin, rewards) + held-out greedy accuracy."""
+    out = {}
+    _, heldout = pair_files(config)
+    ref = _reference(config, "heldout")
+    if heldout and ref:
+        source = _open_pairs(config, heldout)
+        indices = np.array(sorted(ref), np.int64)
+        pi = _score_pairs(model, source, tokenizer, indices, config)
+        refs = np.array([ref[int(i)] for i in indices], np.float32)
+        beta = config.dpo.beta
+        margin = beta * ((pi[:, 0] - refs[:, 0]) - (pi[:, 1] - refs[:, 1]))
+        out.update({"eval/pair_accuracy": float(np.mean(margin > 0)),
+                    "eval/pair_margin": float(np.mean(margin)),
+                    "eval/reward_chosen": float(np.mean(beta * (pi[:, 0] - refs[:, 0]))),
+                    "eval/reward_rejected": float(np.mean(beta * (pi[:, 1] - refs[:, 1])))})
+    if config.data.eval_files or config.data.demo:
+        out.update(distill.heldout_accuracy(model, tokenizer, config))
+    return out
+
+
+def make_stage(config: ConfigDict) -> Stage:
+    loss = functools.partial(pair_loss, beta=float(config.dpo.beta),
+                             label_smoothing=float(config.dpo.label_smoothing),
+                             chunk_size=int(config.loss.chunk_size))
+    return Stage(name="dpo", make_data=make_data, loss_fn=loss, weight_fn=pair_weight,
+                 evaluate=evaluate, tokenizer_fn=distill.resolve_tokenizer,
+                 prepare=prepare_reference)
+
+
+def run(config: ConfigDict) -> dict:
+    return train(config, make_stage(config))
+
+
+__all__ = ["dpo_loss", "pair_loss", "run"]

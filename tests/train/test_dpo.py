@@ -1,0 +1,116 @@
+"""Stage 3 DPO: the loss against its formula, no gradient into the reference, sequence
+log-probs over completion tokens only, and the demo end to end."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from phimr_jax.data.pairs import pair_rows
+from phimr_jax.model import config as mc
+from phimr_jax.model.phi3 import init_model
+from phimr_jax.train import checkpointing
+from phimr_jax.train.dpo import REFERENCE_FILE, dpo_loss, pair_loss, sequence_logps
+from phimr_jax.train.metrics import read_metrics
+from tests.data import sp_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _reference_formula(pc, pr, rc, rr, beta, eps):
+    m = beta * ((pc - rc) - (pr - rr))
+    sig = lambda x: 1.0 / (1.0 + math.exp(-x))  # noqa: E731
+    return -(1 - eps) * math.log(sig(m)) - eps * math.log(sig(-m))
+
+
+@pytest.mark.parametrize("beta,eps", [(0.1, 0.0), (0.5, 0.1), (0.05, 0.3)])
+def test_loss_equals_the_reference_formula(beta, eps):
+    rng = np.random.default_rng(0)
+    pc, pr, rc, rr = (rng.normal(-40, 15, size=16) for _ in range(4))
+    want = [_reference_formula(*x, beta, eps) for x in zip(pc, pr, rc, rr)]
+    # The formula, in float64: 1e-6 absolute.
+    with jax.enable_x64(True):
+        loss, margin = dpo_loss(*(jnp.asarray(x, jnp.float64) for x in (pc, pr, rc, rr)),
+                                beta, eps)
+        np.testing.assert_allclose(np.asarray(loss), want, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(margin), beta * ((pc - rc) - (pr - rr)), rtol=0,
+                                   atol=1e-6)
+    # In training precision (float32 log-probs of magnitude ~40): 1e-6 relative.
+    loss32, _ = dpo_loss(*(jnp.asarray(x, jnp.float32) for x in (pc, pr, rc, rr)), beta, eps)
+    np.testing.assert_allclose(np.asarray(loss32, np.float64), want, rtol=1e-6, atol=1e-6)
+
+
+def test_no_gradient_flows_into_the_reference():
+    args = [jnp.array([-3.0, -5.0]), jnp.array([-4.0, -2.0]), jnp.array([-3.5, -4.0]),
+            jnp.array([-3.0, -2.5])]
+    grads = jax.grad(lambda *a: dpo_loss(*a, 0.1, 0.1)[0].sum(), argnums=(0, 1, 2, 3))(*args)
+    assert np.all(np.asarray(grads[0]) < 0) and np.all(np.asarray(grads[1]) > 0)
+    assert np.all(np.asarray(grads[2]) == 0) and np.all(np.asarray(grads[3]) == 0)
+
+
+def test_pair_loss_scores_completion_tokens_only():
+    from phimr_jax.data.tokenizers import load_tokenizer
+    tok = load_tokenizer("sentencepiece", sp_model())
+    model = init_model(mc.tiny(initializer_range=0.125), seed=0)
+    rec = {"problem": "What is 2 + 3?", "chosen": "2 + 3 = 5. The answer is \\boxed{5}.",
+           "rejected": "2 + 3 = 6. The answer is \\boxed{6}."}
+    rows = pair_rows(tok, rec, 128)
+    assert rows is not None
+    batch = {k: jnp.asarray(v) for k, v in rows.items()}
+    seq = np.asarray(sequence_logps(model, batch, 16))
+    logp = jax.nn.log_softmax(np.asarray(model(rows["inputs"], segment_ids=rows["segment_ids"])))
+    for r in range(2):
+        mask = rows["loss_mask"][r] > 0
+        assert mask.sum() == len(tok.completion_ids(rec["chosen" if r == 0 else "rejected"]))
+        want = logp[r, np.arange(128), rows["targets"][r]][mask].sum()
+        assert seq[r] == pytest.approx(want, abs=1e-3)
+    # With the reference equal to the policy the loss is log 2 and the margin 0.
+    batch["ref_logp"] = jnp.asarray(seq)
+    total, n, sums = pair_loss(model, batch, beta=0.1, label_smoothing=0.0, chunk_size=16)
+    assert float(n) == 1 and float(total) == pytest.approx(math.log(2), abs=1e-5)
+    assert float(sums["rewards/margin"]) == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_dpo_demo_after_a_short_sft(tmp_path):
+    """Stage 1 (short) -> DPO demo: the training-pair margin rises from the reference's 0 and
+    preference accuracy exceeds chance; held-out pair metrics are computed (exactly 0 margin
+    before training); the reference log-probs are computed once and reused on resume. (At this
+    size held-out margins are noise; the full demo's held-out numbers are in the issue note.)"""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    small = ["--config.data.demo_train=300", "--config.data.demo_heldout=32",
+             "--config.data.eval_problems=8", "--config.data.eval_max_new_tokens=48"]
+    s1, s3 = str(tmp_path / "s1"), str(tmp_path / "dpo")
+
+    def run(*args):
+        res = subprocess.run([sys.executable, "-m", "phimr_jax.main", *args, *small], cwd=ROOT,
+                             env=env, capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, res.stderr[-3000:]
+
+    run("--config=configs/midtrain.py:demo", f"--config.workdir={s1}", "--config.total_steps=80",
+        "--config.eval_every_steps=0", "--config.data.seq_len=128",
+        "--config.data.global_batch_size=8")
+    common = ["--config=configs/dpo.py:demo", f"--config.workdir={s3}",
+              f"--config.init.checkpoint={s1}", "--config.eval_every_steps=20",
+              "--config.eval_at_start=true", "--config.optim.learning_rate=1e-4"]
+    run(*common, "--config.total_steps=20")
+    ref_file = os.path.join(s3, REFERENCE_FILE)
+    stamp = os.path.getmtime(ref_file)
+    run(*common, "--config.total_steps=40")  # resumes at 20
+    assert os.path.getmtime(ref_file) == stamp
+    rows = read_metrics(s3)
+    start, end = rows[0], rows[-1]
+    trained = [r for r in rows if "loss" in r]
+    assert start["eval/pair_margin"] == pytest.approx(0.0, abs=1e-4)
+    assert end["step"] == 40 and np.isfinite(end["eval/pair_margin"]) and "eval/accuracy" in end
+    assert trained[-1]["rewards/margin"] > max(trained[0]["rewards/margin"], 0.05)
+    assert trained[-1]["preference_accuracy"] > 0.5 and trained[-1]["loss"] < math.log(2)
+    _, info, _ = checkpointing.restore_model(s3)
+    assert info["init"].startswith(f"run {s1}")
+    json.dumps(rows)  # metrics are plain JSON
