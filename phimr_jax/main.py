@@ -24,6 +24,7 @@ STAGES = {
     "eval": "phimr_jax.train.evaluation:run",
     "curate": "phimr_jax.train.curate:run",
     "dpo": "phimr_jax.train.dpo:run",
+    "recipe": "phimr_jax.train.recipe:run",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file[:preset].",

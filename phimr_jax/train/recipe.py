@@ -1,0 +1,128 @@
+"""Stage `recipe`: the training stages in order, each from the previous one's checkpoint, each
+evaluated with the eval harness on the same held-out problems; a paper-style table and plots.
+
+Layout under `workdir`: one run directory per stage (`midtrain/`, `sft/`, `dpo/`), each with a
+`DONE` marker once finished (a rerun skips it; an unfinished stage resumes from its own latest
+checkpoint), `recipe.md` and `recipe.json` (held-out pass@1 after each stage, starting with the
+model stage 1 starts from) and `loss_per_stage.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+from ml_collections import ConfigDict
+
+from phimr_jax.train import checkpointing
+
+log = logging.getLogger(__name__)
+RUNNERS = {"midtrain": "phimr_jax.train.midtrain", "sft": "phimr_jax.train.sft",
+           "dpo": "phimr_jax.train.dpo"}
+
+
+def _run_stage(name: str, config: ConfigDict) -> None:
+    import importlib
+    importlib.import_module(RUNNERS[name]).run(config)
+
+
+def _evaluate(config: ConfigDict, run_dir: str, dataset: str, label: str) -> dict:
+    from phimr_jax.train.evaluation import run as run_eval
+    ev = ConfigDict(config.eval.to_dict())
+    ev.checkpoint, ev.dataset, ev.workdir = run_dir, dataset, run_dir
+    ev.mesh, ev.sharding_rules = config.mesh, config.sharding_rules
+    out = os.path.join(run_dir, "eval", f"{ev.name}.json")
+    if os.path.exists(out):
+        with open(out) as f:
+            summary = json.load(f)["summary"]
+    else:
+        summary = run_eval(ev)
+    return {"stage": label, "pass@1": summary["pass@1"], "stderr": summary["stderr"],
+            "problems": summary["problems"], "k": summary["samples_per_problem"],
+            "mean_tokens": summary["mean_tokens"]}
+
+
+def _plot(workdir: str, order) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from phimr_jax.train.metrics import read_metrics
+    fig, axes = plt.subplots(1, len(order), figsize=(4 * len(order), 3.2))
+    for ax, name in zip(list(getattr(axes, "flat", [axes])), order):
+        rows = [r for r in read_metrics(os.path.join(workdir, name)) if "loss" in r]
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+        ax.set_title(f"{name} loss")
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    path = os.path.join(workdir, "loss_per_stage.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def run(config: ConfigDict) -> list:
+    if not config.workdir:
+        raise ValueError("missing required option --config.workdir=...")
+    root = os.path.abspath(config.workdir)
+    previous = ""
+    for name in config.order:
+        if name not in RUNNERS:
+            raise ValueError(f"unknown stage {name!r} in order; known: {sorted(RUNNERS)}")
+        stage = config.stages[name]
+        stage.workdir = os.path.join(root, name)
+        stage.mesh, stage.sharding_rules = config.mesh, config.sharding_rules
+        if previous:
+            stage.init.checkpoint = previous
+        done = os.path.join(stage.workdir, "DONE")
+        if os.path.exists(done):
+            log.info("recipe: %s already finished, skipping", name)
+        else:
+            log.info("recipe: running %s in %s", name, stage.workdir)
+            _run_stage(name, stage)
+            if jax.process_index() == 0:
+                open(done, "w").close()
+        previous = stage.workdir
+    first = config.stages[config.order[0]]
+    dataset = config.eval.dataset or os.path.join(root, config.order[0], "demo_data",
+                                                  "heldout.jsonl")
+    rows = []
+    start = _start_run(config, root, first)
+    if start:
+        rows.append(_evaluate(config, start, dataset, "start (before stage 1)"))
+    for name in config.order:
+        rows.append(_evaluate(config, os.path.join(root, name), dataset, f"+ {name}"))
+    table = ["| model | held-out pass@1 (%) | ± SE | problems | k | mean tokens |",
+             "|---|---|---|---|---|---|"]
+    table += [f"| {r['stage']} | {100 * r['pass@1']:.1f} | {100 * r['stderr']:.1f} | "
+              f"{r['problems']} | {r['k']} | {r['mean_tokens']:.0f} |" for r in rows]
+    if jax.process_index() == 0:
+        with open(os.path.join(root, "recipe.md"), "w") as f:
+            f.write("\n".join(table) + "\n")
+        with open(os.path.join(root, "recipe.json"), "w") as f:
+            json.dump(rows, f, indent=2)
+        _plot(root, config.order)
+        print("\n".join(table))
+    return rows
+
+
+def _start_run(config: ConfigDict, root: str, first: ConfigDict) -> str:
+    """A run directory holding the model stage 1 started from, for the table's first row: the
+    step-0 checkpoint of a fresh start is not kept, so it is re-created deterministically."""
+    if first.init.checkpoint:
+        return first.init.checkpoint
+    start = os.path.join(root, "start")
+    if checkpointing.latest_step(start) is None:
+        from phimr_jax.train.convert import run_convert, run_init
+        cfg = ConfigDict({"workdir": start, "mesh": config.mesh, "step": 0, "seed": first.seed,
+                          "sharding_rules": config.sharding_rules, "dtype": first.model.param_dtype,
+                          "tokenizer_dir": os.path.join(root, config.order[0], "tokenizer")})
+        if first.init.hf_dir:
+            cfg.hf_dir = first.init.hf_dir
+            run_convert(cfg)
+        else:
+            cfg.model_preset = first.model.preset
+            run_init(cfg)
+    return start
