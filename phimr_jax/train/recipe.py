@@ -53,7 +53,7 @@ def _plot(workdir: str, order) -> str:
     fig, axes = plt.subplots(1, len(order), figsize=(4 * len(order), 3.2))
     for ax, name in zip(list(getattr(axes, "flat", [axes])), order):
         rows = [r for r in read_metrics(os.path.join(workdir, name)) if "loss" in r]
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker=".")
         ax.set_title(f"{name} loss")
         ax.set_xlabel("step")
     fig.tight_layout()
