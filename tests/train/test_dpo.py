@@ -68,7 +68,7 @@ def test_pair_loss_scores_completion_tokens_only():
     for r in range(2):
         mask = rows["loss_mask"][r] > 0
         assert mask.sum() == len(tok.completion_ids(rec["chosen" if r == 0 else "rejected"]))
-        want = logp[r, np.arange(128), rows["targets"][r]][mask].sum()
+        want = float(logp[r, np.arange(128), rows["targets"][r]][mask].sum())
         assert seq[r] == pytest.approx(want, abs=1e-3)
     # With the reference equal to the policy the loss is log 2 and the margin 0.
     batch["ref_logp"] = jnp.asarray(seq)
