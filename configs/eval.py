@@ -18,6 +18,8 @@ def get_config(arg="math500"):
     c.format = "math"  # math (problem + answer fields) | gpqa (Question / Correct Answer ...).
     c.problem_field = "problem"  # math format: field with the problem text.
     c.answer_field = "answer"  # math format: field with the gold answer.
+    c.difficulty_field = "level"  # math format: optional field for a per-difficulty breakdown
+    # of pass@1 in the summary (MATH-500: "level"; the demo corpus: "difficulty"; "" = none).
     c.suffix = ""  # Prompt suffix ("" = the paper's "Please reason step by step, ...").
     c.limit = 0  # Evaluate only the first N problems (0 = all).
     c.max_new_tokens = 32768  # Paper: up to 32,768 generated tokens.
@@ -31,6 +33,7 @@ def get_config(arg="math500"):
     elif preset == "gpqa":
         c.format = "gpqa"
     elif preset == "demo":
+        c.difficulty_field = "difficulty"
         c.max_new_tokens = 128
         c.num_samples = 4
         c.dtype = "float32"

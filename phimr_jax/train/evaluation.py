@@ -40,19 +40,23 @@ GPQA_FIELDS = ("Question", "Correct Answer", "Incorrect Answer 1", "Incorrect An
                "Incorrect Answer 3")
 
 
-def load_problems(config: ConfigDict) -> tuple[list, list, str]:
-    """(questions with the protocol suffix, gold answers, grading mode) from config.dataset."""
+def load_problems(config: ConfigDict) -> tuple[list, list, str, list]:
+    """(questions with the protocol suffix, gold answers, grading mode, difficulty labels or
+    None per problem) from config.dataset."""
     if config.format == "math":
-        source = open_records(config.dataset, fields={"problem": config.problem_field,
-                                                      "answer": config.answer_field},
-                              required=("problem",))
+        fields = {"problem": config.problem_field, "answer": config.answer_field}
+        if config.difficulty_field:
+            fields["difficulty"] = config.difficulty_field
+        source = open_records(config.dataset, fields=fields, required=("problem",))
         records = [source[i] for i in range(len(source))]
         missing = [i for i, r in enumerate(records) if r.get("answer") in (None, "")]
         if missing:
             raise ValueError(f"{len(missing)} problems of {config.dataset} have no "
                              f"{config.answer_field!r} (first: record {missing[0]})")
         questions = [f"{r['problem']}\n{config.suffix or MATH_SUFFIX}" for r in records]
-        return questions, [str(r["answer"]) for r in records], "math"
+        levels = [None if r.get("difficulty") is None else str(r["difficulty"])
+                  for r in records]
+        return questions, [str(r["answer"]) for r in records], "math", levels
     if config.format == "gpqa":
         source = open_records(config.dataset, fields={f: f for f in GPQA_FIELDS},
                               required=GPQA_FIELDS)
@@ -65,7 +69,7 @@ def load_problems(config: ConfigDict) -> tuple[list, list, str]:
             listed = "\n".join(f"{'ABCD'[j]}) {choices[c].strip()}" for j, c in enumerate(order))
             questions.append(f"{r['Question'].strip()}\n\n{listed}\n\n{config.suffix or GPQA_SUFFIX}")
             golds.append("ABCD"[order.index(0)])
-        return questions, golds, "choice"
+        return questions, golds, "choice", [None] * len(questions)
     raise ValueError(f"format must be math or gpqa, got {config.format!r}")
 
 
@@ -78,6 +82,15 @@ def pass_at_1(correct: np.ndarray) -> tuple[float, float]:
     return float(per_problem.mean()), se
 
 
+def by_difficulty(correct: np.ndarray, levels: list) -> dict:
+    """{difficulty label: pass@1 over that label's problems}, for labelled problems only."""
+    out = {}
+    for level in sorted({lv for lv in levels if lv is not None}):
+        rows = np.array([lv == level for lv in levels])
+        out[level] = float(correct[rows].mean())
+    return out
+
+
 def run(config: ConfigDict) -> dict:
     from phimr_jax.train.rewards import RewardPool
 
@@ -86,9 +99,10 @@ def run(config: ConfigDict) -> dict:
     if not config.workdir:
         raise ValueError("missing required option --config.workdir=...")
     name = config.name or os.path.splitext(os.path.basename(config.dataset))[0]
-    questions, golds, mode = load_problems(config)
+    questions, golds, mode, levels = load_problems(config)
     if config.limit > 0:
-        questions, golds = questions[:config.limit], golds[:config.limit]
+        questions, golds, levels = (questions[:config.limit], golds[:config.limit],
+                                    levels[:config.limit])
     model, tokenizer, mesh, rules = load_model_and_tokenizer(config)
     with jax.set_mesh(mesh), axis_rules(rules):
         results = sample_questions(model, tokenizer, questions, config)
@@ -111,7 +125,8 @@ def run(config: ConfigDict) -> dict:
                "truncated": float(np.mean([r == "length" for r in reasons])),
                "grader_timeouts": int(timeouts), "temperature": config.temperature,
                "top_p": config.top_p, "max_new_tokens": config.max_new_tokens,
-               "model": config.hf_dir or config.checkpoint}
+               "model": config.hf_dir or config.checkpoint,
+               "pass@1_by_difficulty": by_difficulty(correct, levels)}
     problems = [{"question": questions[i], "gold": golds[i],
                  "correct": correct[i].tolist(), "pass@1": float(correct[i].mean()),
                  "completions": texts[i * k:(i + 1) * k] if config.save_completions else [],

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from phimr_jax.train.evaluation import MATH_SUFFIX, load_problems, pass_at_1
+from phimr_jax.train.evaluation import MATH_SUFFIX, by_difficulty, load_problems, pass_at_1
 from tests.data import demo_paths, sp_model, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -22,6 +22,12 @@ def _load(preset):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(preset)
+
+
+def test_pass_at_1_by_difficulty():
+    correct = np.array([[1, 1], [0, 0], [1, 0], [0, 0]], bool)
+    got = by_difficulty(correct, ["Level 1", "Level 2", "Level 1", None])
+    assert got == {"Level 1": pytest.approx(0.75), "Level 2": 0.0}
 
 
 def test_pass_at_1_and_standard_error():
@@ -37,14 +43,14 @@ def test_math_and_gpqa_shapes(tmp_path):
     c.dataset = write_jsonl(str(tmp_path / "m.jsonl"), [
         {"problem": "What is 1+1?", "answer": "2", "subject": "x"},
         {"problem": "Half of 1?", "answer": "\\frac{1}{2}"}])
-    questions, golds, mode = load_problems(c)
-    assert mode == "math" and golds == ["2", "\\frac{1}{2}"]
+    questions, golds, mode, levels = load_problems(c)
+    assert mode == "math" and golds == ["2", "\\frac{1}{2}"] and levels == [None, None]
     assert questions[0] == "What is 1+1?\n" + MATH_SUFFIX
     g = _load("gpqa")
     rows = [{"Question": f"Q{i}?", "Correct Answer": f"right{i}", "Incorrect Answer 1": "w1",
              "Incorrect Answer 2": "w2", "Incorrect Answer 3": "w3"} for i in range(12)]
     g.dataset = write_jsonl(str(tmp_path / "g.jsonl"), rows)
-    questions, golds, mode = load_problems(g)
+    questions, golds, mode, _ = load_problems(g)
     assert mode == "choice" and len(set(golds)) > 1  # the right choice moves around
     for i, (q, gold) in enumerate(zip(questions, golds)):
         assert f"{gold}) right{i}" in q and q.startswith(f"Q{i}?")
@@ -72,6 +78,8 @@ def test_eval_end_to_end_on_a_demo_run(tmp_path):
     out = json.load(open(tmp_path / "eval" / "heldout.json"))
     s = out["summary"]
     assert s["problems"] == 6 and s["samples_per_problem"] == 2 and 0 <= s["pass@1"] <= 1
+    levels = [json.loads(ln)["difficulty"] for ln in open(demo_paths()["heldout"])][:6]
+    assert set(s["pass@1_by_difficulty"]) == {str(lv) for lv in levels}
     assert len(out["problems"]) == 6 and all(len(p["completions"]) == 2 for p in out["problems"])
     # The saved verdicts agree with grading the saved completions again.
     from phimr_jax.train.rewards import math_reward
