@@ -85,22 +85,24 @@ def restore_model(workdir: str, step: Optional[int] = None, mesh=None, rules=DEF
         cfg = ModelConfig.from_dict(info["model"])
         graphdef, abstract = nnx.split(abstract_model(cfg))
         params_abstract = nnx.state(abstract, nnx.Param)
+        pure = nnx.to_pure_dict(params_abstract)
         if mesh is not None:
-            shardings = state_shardings(params_abstract, mesh, rules)
+            shardings = nnx.to_pure_dict(state_shardings(params_abstract, mesh, rules))
         else:
             single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-            shardings = jax.tree.map(lambda _: single, params_abstract,
-                                     is_leaf=lambda x: isinstance(x, nnx.Variable))
-        target = jax.tree.map(
-            lambda v, s: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype,
-                                              sharding=s),
-            params_abstract, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
+            shardings = jax.tree.map(lambda _: single, pure)
         restored = mngr.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(nnx.to_pure_dict(target))))
+            params=ocp.args.StandardRestore(with_shardings(pure, shardings))))
     finally:
         mngr.close()
     nnx.replace_by_pure_dict(params_abstract, restored["params"])
     return nnx.merge(graphdef, params_abstract), info, step
+
+
+def with_shardings(tree, shardings):
+    """Restore target: each abstract array of `tree` with the matching sharding."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        tree, shardings)
 
 
 def copy_tokenizer_files(src: str, dst: str) -> list:

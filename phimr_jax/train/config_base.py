@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ml_collections import ConfigDict
 
-from phimr_jax.model.sharding import DEFAULT_RULES
+from phimr_jax.model.sharding import DEFAULT_RULES, make_mesh
 
 
 def base_config(stage: str) -> ConfigDict:
@@ -105,3 +105,11 @@ def phi4_mini_training(c: ConfigDict, *, seq_len: int, learning_rate: float) -> 
     c.checkpoint_every_steps = 500
     c.mesh.fsdp = -1
     return c
+
+
+def mesh_and_rules(config: ConfigDict):
+    """(device mesh, rules table as tuples) from `config.mesh` and `config.sharding_rules`
+    (ConfigDicts store the table as lists: ["batch", ["data", "fsdp"]])."""
+    rules = tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
+                  for name, axes in config.sharding_rules)
+    return make_mesh(dict(config.mesh)), rules

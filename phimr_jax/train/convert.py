@@ -17,8 +17,8 @@ from ml_collections import ConfigDict
 
 from phimr_jax.model.hf_io import load_hf, save_hf
 from phimr_jax.model.phi3 import param_count
-from phimr_jax.model.sharding import make_mesh
 from phimr_jax.train import checkpointing
+from phimr_jax.train.config_base import mesh_and_rules
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +30,9 @@ def _require(config: ConfigDict, *names: str) -> None:
                          + ", ".join(f"--config.{n}=..." for n in missing))
 
 
-def _mesh_and_rules(config: ConfigDict):
-    mesh = make_mesh(dict(config.mesh))
-    return mesh, tuple(tuple(r) for r in config.sharding_rules)
-
-
 def run_convert(config: ConfigDict) -> str:
     _require(config, "hf_dir", "workdir")
-    mesh, rules = _mesh_and_rules(config)
+    mesh, rules = mesh_and_rules(config)
     model = load_hf(config.hf_dir, dtype=config.dtype, mesh=mesh, rules=rules)
     tok_dst = os.path.join(os.path.abspath(config.workdir), "tokenizer")
     copied = checkpointing.copy_tokenizer_files(config.tokenizer_dir or config.hf_dir, tok_dst)
@@ -53,7 +48,7 @@ def run_convert(config: ConfigDict) -> str:
 
 def run_export(config: ConfigDict) -> str:
     _require(config, "workdir", "out_dir")
-    mesh, rules = _mesh_and_rules(config)
+    mesh, rules = mesh_and_rules(config)
     model, info, step = checkpointing.restore_model(config.workdir, config.step, mesh, rules)
     save_hf(model, config.out_dir, dtype=config.dtype or None,
             max_shard_size=int(config.max_shard_size_mb) * 1024 * 1024,
@@ -72,7 +67,7 @@ def run_init(config: ConfigDict) -> str:
     from phimr_jax.model.phi3 import init_model
 
     _require(config, "workdir", "model_preset")
-    mesh, rules = _mesh_and_rules(config)
+    mesh, rules = mesh_and_rules(config)
     cfg = preset(config.model_preset, param_dtype=config.dtype)
     model = init_model(cfg, seed=config.seed, mesh=mesh, rules=rules)
     info = checkpointing.run_info(model, stage="init", tokenizer_dir=config.tokenizer_dir)

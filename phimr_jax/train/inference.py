@@ -12,8 +12,8 @@ from ml_collections import ConfigDict
 from phimr_jax.data.tokenizers import load_tokenizer
 from phimr_jax.model.hf_io import load_hf
 from phimr_jax.model.sampling import GenerateResult, generate
-from phimr_jax.model.sharding import make_mesh
 from phimr_jax.train import checkpointing
+from phimr_jax.train.config_base import mesh_and_rules
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,7 @@ def sampling_config() -> ConfigDict:
 
 def load_model_and_tokenizer(config: ConfigDict):
     """(model, tokenizer) from config.hf_dir or config.checkpoint, sharded over config.mesh."""
-    mesh = make_mesh(dict(config.mesh))
-    rules = tuple(tuple(r) if not isinstance(r[1], list) else (r[0], tuple(r[1]))
-                  for r in config.sharding_rules)
+    mesh, rules = mesh_and_rules(config)
     if bool(config.hf_dir) == bool(config.checkpoint):
         raise ValueError("give exactly one of --config.hf_dir=... or --config.checkpoint=...")
     if config.hf_dir:

@@ -42,6 +42,7 @@ from phimr_jax.model.config import ModelConfig, preset
 from phimr_jax.model.hf_io import load_hf
 from phimr_jax.model.phi3 import Phi3ForCausalLM, abstract_model, init_model
 from phimr_jax.train import checkpointing
+from phimr_jax.train.config_base import mesh_and_rules
 from phimr_jax.train.metrics import MetricWriter, Progress, WindowAverage
 from phimr_jax.train.optim import make_optimizer, schedule
 
@@ -186,16 +187,9 @@ def train(config: ConfigDict, stage: Stage) -> dict:
     if not config.workdir:
         raise ValueError("missing required option --config.workdir=...")
     workdir = os.path.abspath(config.workdir)
-    mesh = sharding.make_mesh(dict(config.mesh))
-    rules = tuple(tuple(r) if not isinstance(r[1], list) else (r[0], tuple(r[1]))
-                  for r in config.sharding_rules)
+    mesh, rules = mesh_and_rules(config)
     with jax.set_mesh(mesh), sharding.axis_rules(rules):
         return _train(config, stage, workdir, mesh, rules)
-
-
-def _with_shardings(tree, shardings):
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        tree, shardings)
 
 
 def _model_for_run(config, mngr, mesh, rules):
@@ -239,8 +233,8 @@ def _train(config, stage, workdir, mesh, rules) -> dict:
 
     if resume_step is not None:
         restored = mngr.restore(resume_step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(_with_shardings(abstract_params, params_sh)),
-            opt_state=ocp.args.StandardRestore(_with_shardings(abstract_opt, opt_sh)),
+            params=ocp.args.StandardRestore(checkpointing.with_shardings(abstract_params, params_sh)),
+            opt_state=ocp.args.StandardRestore(checkpointing.with_shardings(abstract_opt, opt_sh)),
             train_state=ocp.args.JsonRestore(),
             data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
         params, opt_state = restored["params"], restored["opt_state"]

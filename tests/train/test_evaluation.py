@@ -12,16 +12,9 @@ import pytest
 
 from phimr_jax.train.evaluation import MATH_SUFFIX, by_difficulty, load_problems, pass_at_1
 from tests.data import demo_paths, sp_model, write_jsonl
+from tests.test_configs import load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _load(preset):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, "configs", "eval.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(preset)
 
 
 def test_pass_at_1_by_difficulty():
@@ -39,14 +32,14 @@ def test_pass_at_1_and_standard_error():
 
 
 def test_math_and_gpqa_shapes(tmp_path):
-    c = _load("math500")
+    c = load("eval", "math500")
     c.dataset = write_jsonl(str(tmp_path / "m.jsonl"), [
         {"problem": "What is 1+1?", "answer": "2", "subject": "x"},
         {"problem": "Half of 1?", "answer": "\\frac{1}{2}"}])
     questions, golds, mode, levels = load_problems(c)
     assert mode == "math" and golds == ["2", "\\frac{1}{2}"] and levels == [None, None]
     assert questions[0] == "What is 1+1?\n" + MATH_SUFFIX
-    g = _load("gpqa")
+    g = load("eval", "gpqa")
     rows = [{"Question": f"Q{i}?", "Correct Answer": f"right{i}", "Incorrect Answer 1": "w1",
              "Incorrect Answer 2": "w2", "Incorrect Answer 3": "w3"} for i in range(12)]
     g.dataset = write_jsonl(str(tmp_path / "g.jsonl"), rows)

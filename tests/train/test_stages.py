@@ -12,6 +12,7 @@ import pytest
 from phimr_jax.train import checkpointing, sft
 from phimr_jax.train.distill import resolve_tokenizer
 from phimr_jax.train.metrics import read_metrics
+from tests.test_configs import load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Small and fast: a 300-problem corpus, 128-token rows, 8 rows per step, no evaluation.
@@ -97,16 +98,8 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert read_metrics(workdir)[-1]["step"] == saved
 
 
-def _load(path, preset):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(preset)
-
-
 def test_sft_batches_mask_prompt_and_train_end(tmp_path):
-    config = _load("configs/sft.py", "demo")
+    config = load("sft", "demo")
     config.workdir = str(tmp_path)
     config.data.demo_train = 200
     config.data.demo_heldout = 8
