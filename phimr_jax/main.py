@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
 from absl import app, flags
@@ -24,17 +25,22 @@ STAGES = {
     "eval": "phimr_jax.train.evaluation:run",
     "curate": "phimr_jax.train.curate:run",
     "dpo": "phimr_jax.train.dpo:run",
+    "rl": "phimr_jax.train.rl:run",
     "recipe": "phimr_jax.train.recipe:run",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file[:preset].",
                                           lock_config=True)
 _DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Initialise jax.distributed (multi-host). On TPU pods the coordinator "
-    "is auto-detected; elsewhere give --coordinator_address, --num_processes, --process_id.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+    "distributed", False, "Initialise jax.distributed (multi-host). Each of the three settings "
+    "below comes from its flag, else its PHIMR_* environment variable, else JAX's auto-detection "
+    "(TPU pods, SLURM, Open MPI). Only process 0 logs progress; the others log warnings.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 (env PHIMR_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Number of processes (env PHIMR_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "This process's index (env PHIMR_PROCESS_ID).")
 
 # Errors that come from the user's input: printed as one line, exit code 2, no traceback.
 _USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
@@ -49,16 +55,13 @@ def main(argv) -> int:
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config=configs/<stage>.py[:preset] is required")
-    if _DISTRIBUTED.value:
-        import jax
-        jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                                   num_processes=_NUM_PROCESSES.value,
-                                   process_id=_PROCESS_ID.value)
     stage = config.get("stage")
     if stage not in STAGES:
         raise app.UsageError(f"unknown stage {stage!r}; known: {sorted(STAGES)}")
     module, func = STAGES[stage].split(":")
     try:
+        if _DISTRIBUTED.value:
+            _init_distributed()
         getattr(importlib.import_module(module), func)(config)
     except _USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
@@ -69,6 +72,35 @@ def main(argv) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     return 0
+
+
+def _setting(flag, env: str, cast=str):
+    """A flag's value, else the environment variable's, else None (JAX auto-detects)."""
+    if flag.value is not None:
+        return flag.value
+    value = os.environ.get(env, "").strip()
+    try:
+        return cast(value) if value else None
+    except ValueError:
+        raise ValueError(f"{env}={value!r} is not a valid {cast.__name__}") from None
+
+
+def _init_distributed() -> None:
+    import jax
+    settings = dict(coordinator_address=_setting(_COORDINATOR, "PHIMR_COORDINATOR_ADDRESS"),
+                    num_processes=_setting(_NUM_PROCESSES, "PHIMR_NUM_PROCESSES", int),
+                    process_id=_setting(_PROCESS_ID, "PHIMR_PROCESS_ID", int))
+    try:
+        jax.distributed.initialize(**settings)
+    except ValueError as e:
+        raise ValueError(f"--distributed: {e} Give --coordinator_address, --num_processes and "
+                         "--process_id (or PHIMR_COORDINATOR_ADDRESS, PHIMR_NUM_PROCESSES, "
+                         "PHIMR_PROCESS_ID) where JAX cannot detect the cluster.") from None
+    if jax.process_index() != 0:  # One progress log per job: the others only warn.
+        logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger(__name__).info("jax.distributed: process %d of %d, %d of %d devices local",
+                                     jax.process_index(), jax.process_count(),
+                                     jax.local_device_count(), jax.device_count())
 
 
 def run() -> None:

@@ -16,6 +16,8 @@ import functools
 import logging
 import os
 import re
+import shutil
+import tempfile
 
 import jax
 from ml_collections import ConfigDict
@@ -32,13 +34,29 @@ log = logging.getLogger(__name__)
 _BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
 
 
+def _publish(out_dir: str, names: tuple, make) -> None:
+    """`make(tmp_dir)` writes files `names`; they are then renamed into `out_dir` one by one
+    (atomic), so processes sharing a workdir (multi-host) never read a half-written file. Every
+    process that finds them missing makes its own copy: the demo data and tokenizer are
+    deterministic, so the last rename leaves the same bytes as the first."""
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=out_dir)
+    try:
+        make(tmp)
+        for name in names:
+            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def demo_paths(config: ConfigDict) -> dict:
     """Generate (once, deterministically) the demo corpus under workdir/demo_data."""
     out = os.path.join(os.path.abspath(config.workdir), "demo_data")
     paths = {"train": os.path.join(out, "train.jsonl"), "heldout": os.path.join(out, "heldout.jsonl")}
     if not all(os.path.exists(p) for p in paths.values()):
-        paths = demo_corpus.generate(out, n_train=config.data.demo_train,
-                                     n_heldout=config.data.demo_heldout, seed=config.seed)
+        _publish(out, ("heldout.jsonl", "train.jsonl"), lambda tmp: demo_corpus.generate(
+            tmp, n_train=config.data.demo_train, n_heldout=config.data.demo_heldout,
+            seed=config.seed))
     return paths
 
 
@@ -76,10 +94,10 @@ def resolve_tokenizer(config: ConfigDict, inherited_dir: str):
         out = os.path.join(os.path.abspath(config.workdir), "tokenizer")
         model = os.path.join(out, "tokenizer.model")
         if not os.path.exists(model):
-            os.makedirs(out, exist_ok=True)
             train, _ = data_files(config)
-            train_sentencepiece(demo_corpus.corpus_texts(train), os.path.join(out, "tokenizer"),
-                                config.data.demo_vocab_size)
+            _publish(out, ("tokenizer.vocab", "tokenizer.model"), lambda tmp: train_sentencepiece(
+                demo_corpus.corpus_texts(train), os.path.join(tmp, "tokenizer"),
+                config.data.demo_vocab_size))
         return load_tokenizer("sentencepiece", model), out
     raise ValueError("no tokenizer: set --config.data.tokenizer.path=... (or initialise from a "
                      "checkpoint / HF directory that has one)")
