@@ -28,8 +28,10 @@ def _stage_config(name, preset):
 
 def get_config(arg="demo"):
     preset = arg or "demo"
+    if preset == "smoke":
+        return _smoke(get_config("demo"))
     if preset not in ("demo", "phi4_mini"):
-        raise ValueError(f"unknown preset {preset!r}: demo | phi4_mini")
+        raise ValueError(f"unknown preset {preset!r}: demo | smoke | phi4_mini")
     c = base_config("recipe")
     c.workdir = "runs/demo" if preset == "demo" else ""  # Root: one sub-directory per stage.
     c.order = list(ORDER)  # Stages to run, in order; each starts from the previous one.
@@ -41,4 +43,36 @@ def get_config(arg="demo"):
     c.eval.name = "heldout"
     c.eval.num_samples = 4 if preset == "demo" else 8  # k samples per problem for pass@1.
     c.eval.limit = 64 if preset == "demo" else 0  # Problems evaluated after each stage.
+    return c
+
+
+def _smoke(c):
+    """The demo recipe shrunk to a check that every stage runs (CI, the notebook under
+    PHIMR_NOTEBOOK_PRESET=smoke): a few steps per stage, a tiny corpus, a tiny held-out table;
+    about 1-2 minutes on 2 CPU cores. The numbers it produces mean nothing."""
+    c.workdir = "runs/smoke"
+    for name in c.order:
+        stage = c.stages[name]
+        stage.total_steps = 4
+        stage.log_every_steps = 1
+        stage.checkpoint_every_steps = 2
+        if stage.get("eval_every_steps"):
+            stage.eval_every_steps = 4  # Once, at the end.
+        if "eval_at_start" in stage:
+            stage.eval_at_start = False
+        small = {"demo_train": 300, "demo_heldout": 16, "eval_problems": 4,
+                 "eval_max_new_tokens": 16}
+        for key, value in small.items():
+            if "data" in stage and key in stage.data:
+                stage.data[key] = value
+        if "rl" in stage:  # Small rollouts; a 4-step model answers (almost) nothing right, so
+            # the filters would drop every group: off, the loop and its update still run.
+            small = {"prompts_per_rollout": 4, "group_size": 4, "max_new_tokens": 32,
+                     "length_filter": False, "rebalance": False}
+            for key, value in small.items():
+                if key in stage.rl:
+                    stage.rl[key] = value
+    c.eval.limit = 8  # Problems in the held-out table.
+    c.eval.num_samples = 1  # k.
+    c.eval.max_new_tokens = 32
     return c

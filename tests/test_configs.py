@@ -11,7 +11,7 @@ PRESETS = {"convert": [None], "export": [None], "init": ["demo", "phi4_mini"],
            "midtrain": ["demo", "phi4_mini"], "sft": ["demo", "phi4_mini"], "generate": [None],
            "bench": ["sampler"], "eval": ["math500", "aime", "gpqa", "demo"],
            "dpo": ["demo", "phi4_mini"], "curate": [None, "demo"],
-           "recipe": ["demo", "phi4_mini"]}
+           "recipe": ["demo", "smoke", "phi4_mini"]}
 
 
 def load(name, preset):
