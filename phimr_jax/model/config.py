@@ -69,6 +69,11 @@ class ModelConfig:
     dtype: str = "float32"
     # Rematerialisation of the scanned decoder layer: "none", "full" or "dots" (save matmuls).
     remat_policy: str = "none"
+    # Attention kernel (phimr_jax/model/attention.py): "xla" (reference, [T, T] scores),
+    # "blockwise" (pure-JAX flash attention, any backend), "splash" (TPU), "cudnn" (GPU,
+    # unpacked bf16/f16 rows; otherwise falls back to blockwise). Not part of config.json.
+    attention_impl: str = "xla"
+    attention_block_size: int = 512  # Query and key block of blockwise / splash attention.
 
     # ---------------------------------------------------------------- derived values
     @property
@@ -143,6 +148,12 @@ class ModelConfig:
                                   f"{getattr(self, name)!r}")
         if self.remat_policy not in ("none", "full", "dots"):
             raise ConfigError(f"remat_policy must be none|full|dots, got {self.remat_policy!r}")
+        if self.attention_impl not in ("xla", "blockwise", "splash", "cudnn"):
+            raise ConfigError("attention_impl must be xla|blockwise|splash|cudnn, got "
+                              f"{self.attention_impl!r}")
+        if not isinstance(self.attention_block_size, int) or self.attention_block_size <= 0:
+            raise ConfigError("attention_block_size must be a positive integer, got "
+                              f"{self.attention_block_size!r}")
         return self
 
     # ---------------------------------------------------------------- HF config.json

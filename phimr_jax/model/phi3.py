@@ -15,6 +15,10 @@ Layout choices (all exact w.r.t. HF, see tests/model/test_parity.py):
   `original_max_position_embeddings` with a short-regime cache therefore keeps the short factors;
   HF instead drops the cache and re-encodes everything with the long factors — the sampler does
   that re-encode explicitly (`needs_reencode`).
+- Attention: `ModelConfig.attention_impl` picks the reference XLA attention (default), the
+  memory-efficient blockwise kernel, splash (TPU) or cuDNN (GPU, unpacked rows only); see
+  phimr_jax/model/attention.py. KV-cache decoding uses blockwise for multi-token calls when
+  attention_impl != "xla", and the reference for single-token steps.
 """
 
 from __future__ import annotations
@@ -26,10 +30,10 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from phimr_jax.model import rope
+from phimr_jax.model.attention import MASK_VALUE as _MASK_VALUE  # noqa: F401 (re-export)
+from phimr_jax.model.attention import make_attention, xla_attention
 from phimr_jax.model.config import ModelConfig
 from phimr_jax.model.sharding import constrain
-
-_MASK_VALUE = float(jnp.finfo(jnp.float32).min)  # HF's additive mask value.
 
 # Stacked per-layer parameters: name -> logical axes (after the leading "layers" axis).
 LAYER_PARAM_AXES = {
@@ -78,16 +82,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     """Reference GQA attention. q [B,T,H,hd], k/v [B,S,K,hd], mask bool [B|1,T,S] (True=keep).
 
     Query head h reads KV head h // (H // K), like HF's repeat_kv. Scores and softmax in f32.
+    (Kept here for callers; the implementation is attention.xla_attention.)
     """
-    b, t, h, hd = q.shape
-    kv = k.shape[2]
-    qg = q.reshape(b, t, kv, h // kv, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * (hd ** -0.5)
-    scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, hd)
+    return xla_attention(q, k, v, mask)
 
 
 def _remat(fn, policy: str):
@@ -141,14 +138,13 @@ class Phi3ForCausalLM(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (bsz, seq))
         if long_rope is None:
             long_rope = rope.auto_long_rope(cfg, positions)
-        idx = jnp.arange(seq)
-        mask = (idx[None, :] <= idx[:, None])[None]  # causal on token order: [1, T, S]
-        if cfg.sliding_window is not None:
-            mask = mask & ((idx[:, None] - idx[None, :]) < cfg.sliding_window)[None]
         if segment_ids is not None:
             segment_ids = jnp.asarray(segment_ids)
-            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-        h, _ = self._run_layers(input_ids, positions, long_rope, mask, cache=None)
+        # Causal on token order, same segment, sliding window: built once for all layers.
+        attn = make_attention(cfg.attention_impl, t=seq, s=seq, q_segment_ids=segment_ids,
+                              kv_segment_ids=segment_ids, sliding_window=cfg.sliding_window,
+                              block_size=cfg.attention_block_size, dtype=cfg.jnp_dtype)
+        h, _ = self._run_layers(input_ids, positions, long_rope, attn, cache=None)
         return h
 
     def logits(self, hidden: jax.Array) -> jax.Array:
@@ -198,14 +194,15 @@ class Phi3ForCausalLM(nnx.Module):
         long_rope = jnp.asarray(long_rope, bool)
         cache_segments = jax.lax.dynamic_update_slice(
             cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache.index))
-        q_slot = cache.index + jnp.arange(seq)
-        k_slot = jnp.arange(cache.max_length)
-        mask = (k_slot[None, :] <= q_slot[:, None])[None]
-        if cfg.sliding_window is not None:
-            mask = mask & ((q_slot[:, None] - k_slot[None, :]) < cfg.sliding_window)[None]
-        mask = mask & (cache_segments[:, None, :] == segment_ids[:, :, None])
+        # Queries at slots index..index+T-1 over every cache slot; single-token steps keep the
+        # reference attention (small scores), multi-token calls follow attention_impl.
+        impl = "xla" if seq == 1 else cfg.attention_impl
+        attn = make_attention(impl, t=seq, s=cache.max_length, q_segment_ids=segment_ids,
+                              kv_segment_ids=cache_segments, q_offset=cache.index,
+                              sliding_window=cfg.sliding_window,
+                              block_size=cfg.attention_block_size, dtype=cfg.jnp_dtype)
         cache = cache.replace(segment_ids=cache_segments)
-        h, cache = self._run_layers(input_ids, positions, long_rope, mask, cache=cache)
+        h, cache = self._run_layers(input_ids, positions, long_rope, attn, cache=cache)
         cache = cache.replace(index=cache.index + seq, long_rope=long_rope)
         if logits_at is not None:
             h = jax.lax.dynamic_slice_in_dim(h, logits_at, 1, axis=1)
@@ -222,7 +219,8 @@ class Phi3ForCausalLM(nnx.Module):
     def _layer_params(self) -> dict:
         return {name: getattr(self, name)[...] for name in LAYER_PARAM_AXES}
 
-    def _run_layers(self, input_ids, positions, long_rope, mask, cache: Optional[KVCache]):
+    def _run_layers(self, input_ids, positions, long_rope, attn, cache: Optional[KVCache]):
+        """attn: (q, k, v) -> out, from attention.make_attention (carries the masking)."""
         cfg = self.config
         dt = cfg.jnp_dtype
         h = jnp.take(self.embed[...], input_ids, axis=0).astype(dt)
@@ -238,7 +236,7 @@ class Phi3ForCausalLM(nnx.Module):
             q = rope.apply_rotary(q, cos, sin)
             k = rope.apply_rotary(k, cos, sin)
             k, v, extra = kv_fn(k, v)
-            out = attention(q, k, v, mask)
+            out = attn(q, k, v)
             h = h + jnp.einsum("bthk,hkd->btd", out, p["o"].astype(dt))
             x = rms_norm(h, p["mlp_norm"], eps)
             gate = jnp.einsum("btd,df->btf", x, p["gate"].astype(dt))
