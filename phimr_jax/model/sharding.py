@@ -116,6 +116,12 @@ def state_shardings(state, mesh: Mesh, rules: Iterable = DEFAULT_RULES):
     return jax.tree.map(one, state, is_leaf=_is_var)
 
 
+def current_rules() -> tuple:
+    """The rules table set by `axis_rules` (the default table outside one)."""
+    rules = _RULES.get()
+    return DEFAULT_RULES if rules is None else rules
+
+
 @contextlib.contextmanager
 def axis_rules(rules: Iterable):
     """Make `rules` the table used by `constrain` inside model code (set by the trainer)."""

@@ -3,8 +3,9 @@
 Every run (convert, the training stages) writes the same layout, so export and the next stage
 can read any of them:
 - `params`: the model's nnx.Param state as a pure dict of (sharded) arrays (StandardSave);
-- `run_info`: JSON with the full ModelConfig (`model`), the stage, and `tokenizer_dir` when the
-  run knows its tokenizer;
+- `run_info`: JSON with the full ModelConfig (`model`), the stage, `tokenizer_dir` when the
+  run knows its tokenizer, and `param_layout` when `params` holds more than the policy (a PPO
+  run's critic; see model/actor_critic.py) — `restore_model` returns the policy either way;
 - trainers add their own items (optimizer state, step, RNG, data iterator) beside these.
 Restoring places each array straight into its target sharding; nothing is gathered.
 """
@@ -19,8 +20,9 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from phimr_jax.model.actor_critic import PARAM_LAYOUTS, abstract_for_layout
 from phimr_jax.model.config import ModelConfig
-from phimr_jax.model.phi3 import Phi3ForCausalLM, abstract_model
+from phimr_jax.model.phi3 import Phi3ForCausalLM
 from phimr_jax.model.sharding import DEFAULT_RULES, state_shardings
 
 # Files a tokenizer directory may hold (HF fast/slow tokenizers, sentencepiece, chat template).
@@ -83,7 +85,8 @@ def restore_model(workdir: str, step: Optional[int] = None, mesh=None, rules=DEF
         info = mngr.restore(step, args=ocp.args.Composite(run_info=ocp.args.JsonRestore()))
         info = dict(info["run_info"])
         cfg = ModelConfig.from_dict(info["model"])
-        graphdef, abstract = nnx.split(abstract_model(cfg))
+        layout = info.get("param_layout", "policy")
+        graphdef, abstract = nnx.split(abstract_for_layout(cfg, layout))
         params_abstract = nnx.state(abstract, nnx.Param)
         pure = nnx.to_pure_dict(params_abstract)
         if mesh is not None:
@@ -96,7 +99,8 @@ def restore_model(workdir: str, step: Optional[int] = None, mesh=None, rules=DEF
     finally:
         mngr.close()
     nnx.replace_by_pure_dict(params_abstract, restored["params"])
-    return nnx.merge(graphdef, params_abstract), info, step
+    policy_of = PARAM_LAYOUTS[layout][1]  # e.g. a PPO run: its policy without the critic
+    return policy_of(nnx.merge(graphdef, params_abstract)), info, step
 
 
 def with_shardings(tree, shardings):

@@ -39,9 +39,8 @@ from ml_collections import ConfigDict
 from phimr_jax.data import demo_corpus
 from phimr_jax.data.pairs import dpo_dataset, kept_pairs, pair_batches
 from phimr_jax.data.sources import open_records
-from phimr_jax.model import sharding
 from phimr_jax.train import distill, losses
-from phimr_jax.train.trainer import Stage, train
+from phimr_jax.train.trainer import Stage, replicated_batch, train
 
 log = logging.getLogger(__name__)
 REFERENCE_FILE = "dpo_reference.npz"
@@ -133,21 +132,11 @@ def _score_pairs(model, source, tokenizer, indices, config) -> np.ndarray:
     result = np.zeros((len(indices), 2), np.float32)
     at = 0
     for idx, rows in pair_batches(source, tokenizer, indices, config.data.seq_len, per_batch):
-        rows = {k: _replicated(v) for k, v in rows.items() if k != "ref_logp"}
+        rows = {k: replicated_batch(v) for k, v in rows.items() if k != "ref_logp"}
         seq = np.asarray(score(model, rows)).reshape(-1, 2)
         result[at:at + len(idx)] = seq[:len(idx)]
         at += len(idx)
     return result
-
-
-def _replicated(x: np.ndarray):
-    """Host array present on every process -> a global array sharded over the batch axes."""
-    mesh = jax.sharding.get_mesh()
-    if mesh.empty:
-        return x
-    spec = sharding.logical_to_spec(("batch", "length")[:x.ndim], x.shape, mesh,
-                                    sharding.DEFAULT_RULES)
-    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda i: x[i])
 
 
 def prepare_reference(model, tokenizer, config: ConfigDict, resumed: bool) -> None:

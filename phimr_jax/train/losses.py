@@ -12,13 +12,17 @@ import jax
 import jax.numpy as jnp
 
 
-def token_logprobs(model, batch: dict, chunk_size: int = 1024) -> tuple[jax.Array, jax.Array]:
-    """(log p(targets | inputs), argmax == target) per token, both [batch, seq] (f32, bool).
+def token_logprobs(model, batch: dict, chunk_size: int = 1024, *, long_rope=None,
+                   with_entropy: bool = False):
+    """(log p(targets | inputs), argmax == target) per token, both [batch, seq] (f32, bool);
+    with_entropy: a third output, the entropy of the model's next-token distribution (f32).
 
     batch: "inputs", "targets", and optionally "positions", "segment_ids" ([batch, seq] ints).
+    long_rope: None = HF's per-call LongRoPE choice, or a fixed regime (RL scores rollouts with
+    the regime the sampler used).
     """
     hidden = model.hidden_states(batch["inputs"], batch.get("positions"),
-                                 batch.get("segment_ids"))
+                                 batch.get("segment_ids"), long_rope=long_rope)
     targets = batch["targets"]
     b, t, d = hidden.shape
     chunk = min(chunk_size, t)
@@ -35,13 +39,16 @@ def token_logprobs(model, batch: dict, chunk_size: int = 1024) -> tuple[jax.Arra
         h, tgt = args
         logits = model.logits(h)  # [b, chunk, vocab] float32
         picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
-        logp = picked - jax.nn.logsumexp(logits, axis=-1)
-        return logp, jnp.argmax(logits, axis=-1) == tgt
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        out = (picked - lse, jnp.argmax(logits, axis=-1) == tgt)
+        if with_entropy:  # H = logsumexp - E_p[logit]; a metric, so no gradient through it
+            probs = jax.nn.softmax(jax.lax.stop_gradient(logits), axis=-1)
+            out += (jax.lax.stop_gradient(lse) - jnp.sum(probs * jax.lax.stop_gradient(logits),
+                                                         axis=-1),)
+        return out
 
-    logp, correct = jax.lax.map(one_chunk, (hidden, targets))
-    logp = logp.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
-    correct = correct.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
-    return logp, correct
+    outs = jax.lax.map(one_chunk, (hidden, targets))
+    return tuple(x.swapaxes(0, 1).reshape(b, n * chunk)[:, :t] for x in outs)
 
 
 def cross_entropy(model, batch: dict, chunk_size: int = 1024):

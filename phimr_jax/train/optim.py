@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import optax
 from ml_collections import ConfigDict
 
@@ -26,8 +27,12 @@ def schedule(cfg: ConfigDict, total_steps: int) -> optax.Schedule:
 
 
 def _decay_mask(params):
-    # No weight decay on RMSNorm scales (stacked [layers, hidden], so not caught by ndim).
-    return {name: not name.endswith("norm") for name in params}
+    # No weight decay on RMSNorm scales (stacked [layers, hidden], so not caught by ndim) nor
+    # on a PPO critic's value head; parameters may be nested ({"policy": {...}, ...}).
+    def decays(path, _):
+        name = str(getattr(path[-1], "key", path[-1]))
+        return not (name.endswith("norm") or name == "value_head")
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(cfg: ConfigDict, total_steps: int) -> optax.GradientTransformation:

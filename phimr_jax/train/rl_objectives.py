@@ -44,14 +44,24 @@ def k3_kl(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
     return jnp.exp(q) - q - 1.0
 
 
+def aggregate_sum(per_token: jax.Array, mask: jax.Array, mode: str):
+    """(numerator, weight) of a [sequences, tokens] loss over the generated tokens, so that
+    numerator / weight is the loss and partial sums over microbatches add up exactly:
+    "token": sum over all tokens / number of tokens; "sequence": each sequence's mean over its
+    tokens, summed / number of sequences with at least one token (padding rows count nowhere)."""
+    if mode == "token":
+        return jnp.sum(per_token * mask), jnp.sum(mask)
+    if mode == "sequence":
+        lengths = jnp.sum(mask, axis=1)
+        per_seq = jnp.sum(per_token * mask, axis=1) / jnp.maximum(lengths, 1.0)
+        return jnp.sum(per_seq), jnp.sum((lengths > 0).astype(jnp.float32))
+    raise ValueError(f"aggregation must be 'token' or 'sequence', got {mode!r}")
+
+
 def aggregate(per_token: jax.Array, mask: jax.Array, mode: str) -> jax.Array:
     """Reduce a [sequences, tokens] loss over the generated tokens ("token" or "sequence")."""
-    if mode == "token":
-        return jnp.sum(per_token * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-    if mode == "sequence":
-        per_seq = jnp.sum(per_token * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
-        return jnp.mean(per_seq)
-    raise ValueError(f"aggregation must be 'token' or 'sequence', got {mode!r}")
+    total, weight = aggregate_sum(per_token, mask, mode)
+    return total / jnp.maximum(weight, 1.0)
 
 
 def clipped_surrogate(logp, old_logp, advantages, clip_eps: float):
@@ -62,17 +72,23 @@ def clipped_surrogate(logp, old_logp, advantages, clip_eps: float):
     return -jnp.minimum(unclipped, clipped), (clipped < unclipped).astype(jnp.float32)
 
 
-def grpo_loss(logp, old_logp, ref_logp, mask, rewards, *, group_size: int, clip_eps: float = 0.2,
-              kl_beta: float = 0.0, aggregation: str = "token", scale_rewards: bool = True):
-    """(loss, metrics) of GRPO. `ref_logp` is ignored when kl_beta == 0."""
-    adv = group_advantages(rewards, group_size, scale_rewards)[:, None]
-    surrogate, was_clipped = clipped_surrogate(logp, jax.lax.stop_gradient(old_logp), adv,
-                                               clip_eps)
+def grpo_per_token(logp, old_logp, ref_logp, advantages, *, clip_eps: float, kl_beta: float):
+    """Per-token GRPO terms: (loss, clipped indicator, k3 KL to the reference), [seq, tokens].
+    `advantages`: [sequences], computed over whole groups (before any filtering)."""
+    surrogate, was_clipped = clipped_surrogate(logp, jax.lax.stop_gradient(old_logp),
+                                               advantages[:, None], clip_eps)
     kl = k3_kl(logp, jax.lax.stop_gradient(ref_logp))
-    per_token = surrogate + kl_beta * kl
+    return surrogate + kl_beta * kl, was_clipped, kl
+
+
+def grpo_loss(logp, old_logp, ref_logp, mask, advantages, *, clip_eps: float = 0.2,
+              kl_beta: float = 0.0, aggregation: str = "token"):
+    """(loss, metrics) of GRPO on one batch. `ref_logp` only matters when kl_beta > 0."""
+    per_token, was_clipped, kl = grpo_per_token(logp, old_logp, ref_logp, advantages,
+                                                clip_eps=clip_eps, kl_beta=kl_beta)
     metrics = {"clip_fraction": aggregate(was_clipped, mask, "token"),
                "kl": aggregate(kl, mask, "token"),
-               "advantage_abs": jnp.mean(jnp.abs(adv))}
+               "advantage_abs": jnp.mean(jnp.abs(advantages))}
     return aggregate(per_token, mask, aggregation), metrics
 
 
@@ -101,21 +117,35 @@ def terminal_rewards(rewards, mask):
     return jax.nn.one_hot(last, mask.shape[1]) * rewards[:, None]
 
 
-def ppo_loss(logp, old_logp, values, old_values, advantages, returns, mask, *,
-             clip_eps: float = 0.2, value_clip_eps: float = 0.2, value_coef: float = 0.5,
-             aggregation: str = "token", normalize_advantages: bool = True):
-    """(loss, metrics) of PPO: clipped surrogate + value_coef * clipped value loss."""
+def ppo_per_token(logp, old_logp, values, old_values, advantages, returns, *,
+                  clip_eps: float = 0.2, value_clip_eps: float = 0.2):
+    """Per-token PPO terms: (policy loss, clipped value loss, clipped indicator), all
+    [sequences, tokens]; advantages/returns per token (GAE), held fixed (stop_gradient)."""
     adv = jax.lax.stop_gradient(advantages)
-    if normalize_advantages:
-        n = jnp.maximum(jnp.sum(mask), 1.0)
-        mean = jnp.sum(adv * mask) / n
-        std = jnp.sqrt(jnp.sum(((adv - mean) * mask) ** 2) / n)
-        adv = (adv - mean) / (std + 1e-8)
     surrogate, was_clipped = clipped_surrogate(logp, jax.lax.stop_gradient(old_logp), adv,
                                                clip_eps)
     returns, old_values = jax.lax.stop_gradient(returns), jax.lax.stop_gradient(old_values)
     v_clipped = old_values + jnp.clip(values - old_values, -value_clip_eps, value_clip_eps)
     value_loss = 0.5 * jnp.maximum((values - returns) ** 2, (v_clipped - returns) ** 2)
+    return surrogate, value_loss, was_clipped
+
+
+def normalize_advantages(adv, mask):
+    """Whiten token advantages over the masked tokens (mean 0, std 1)."""
+    n = jnp.maximum(jnp.sum(mask), 1.0)
+    mean = jnp.sum(adv * mask) / n
+    std = jnp.sqrt(jnp.sum(((adv - mean) * mask) ** 2) / n)
+    return (adv - mean) / (std + 1e-8)
+
+
+def ppo_loss(logp, old_logp, values, old_values, advantages, returns, mask, *,
+             clip_eps: float = 0.2, value_clip_eps: float = 0.2, value_coef: float = 0.5,
+             aggregation: str = "token", normalize: bool = True):
+    """(loss, metrics) of PPO: clipped surrogate + value_coef * clipped value loss."""
+    adv = normalize_advantages(advantages, mask) if normalize else advantages
+    surrogate, value_loss, was_clipped = ppo_per_token(
+        logp, old_logp, values, old_values, adv, returns, clip_eps=clip_eps,
+        value_clip_eps=value_clip_eps)
     policy = aggregate(surrogate, mask, aggregation)
     vloss = aggregate(value_loss, mask, aggregation)
     metrics = {"policy_loss": policy, "value_loss": vloss,

@@ -38,6 +38,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
 from phimr_jax.model import sharding
+from phimr_jax.model.actor_critic import PARAM_LAYOUTS, abstract_for_layout
 from phimr_jax.model.config import ModelConfig, preset
 from phimr_jax.model.hf_io import load_hf
 from phimr_jax.model.phi3 import Phi3ForCausalLM, abstract_model, init_model
@@ -70,6 +71,18 @@ class Stage:
     # (model, tokenizer, config, resumed) -> None: runs before make_data, with the initial
     # model (abstract when resumed), e.g. DPO scoring its pairs under the frozen reference.
     prepare: Optional[Callable] = None
+    # What the trainer optimises, built from the policy model: "policy" (the model itself) or
+    # "actor_critic" (policy + value model, phimr_jax/model/actor_critic.py). Saved in run_info
+    # so every later reader can restore the policy out of the run's parameter tree.
+    param_layout: str = "policy"
+
+
+# The batch iterator may also implement (duck-typed; the RL rollout iterator does):
+#   use_params(graphdef, params, step): called before each next() with the current parameters,
+#     so it can sample rollouts from the policy being trained (no weight copies);
+#   pop_metrics() -> {name: float}: merged into that step's logged metrics (same keys each step);
+#   at_checkpoint_boundary -> bool: False while its state could not be restored (e.g. between
+#     the optimisation steps of one rollout batch); periodic and SIGTERM saves wait for True.
 
 
 class _IteratorSnapshot:
@@ -119,15 +132,25 @@ def _init_model(config: ConfigDict, mesh, rules) -> tuple[Phi3ForCausalLM, str, 
         f"fresh {config.model.preset}"
 
 
-def _opt_shardings(abstract_opt, params_sh: dict, params: dict, mesh):
+def _dict_keys(path) -> tuple:
+    return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def _opt_shardings(abstract_opt, params_sh, params, mesh):
     """Optimizer leaves mirroring a parameter (Adam mu/nu) share its sharding; scalars are
-    replicated. Our parameters are a flat {name: array} dict, so the last path key names it."""
+    replicated. Parameters are nested dicts, so a parameter's dict-key path is a suffix of the
+    dict-key path of the optimizer leaves that mirror it."""
     replicated = NamedSharding(mesh, PartitionSpec())
+    by_path = {_dict_keys(p): (s, leaf.shape) for (p, s), (_, leaf) in zip(
+        jax.tree_util.tree_flatten_with_path(params_sh)[0],
+        jax.tree_util.tree_flatten_with_path(params)[0])}
 
     def one(path, leaf):
-        key = getattr(path[-1], "key", None) if path else None
-        if key in params_sh and tuple(leaf.shape) == tuple(params[key].shape):
-            return params_sh[key]
+        keys = _dict_keys(path)
+        for start in range(len(keys)):
+            hit = by_path.get(keys[start:])
+            if hit is not None and tuple(hit[1]) == tuple(leaf.shape):
+                return hit[0]
         return replicated
     return jax.tree_util.tree_map_with_path(one, abstract_opt)
 
@@ -142,6 +165,17 @@ def _global_batch(local: dict, mesh, rules) -> dict:
         spec = sharding.logical_to_spec(axes, global_shape, mesh, rules)
         out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), v, global_shape)
     return out
+
+
+def replicated_batch(x: np.ndarray):
+    """A host array that every process holds in full -> a global array sharded over the batch
+    axes (for evaluation / scoring passes outside the training step)."""
+    mesh = jax.sharding.get_mesh()
+    if mesh.empty:
+        return x
+    axes = ("batch", "length")[:x.ndim] + (None,) * max(x.ndim - 2, 0)
+    spec = sharding.logical_to_spec(axes, x.shape, mesh, sharding.current_rules())
+    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda i: x[i])
 
 
 def _make_step(graphdef, stage: Stage, tx, accum: int):
@@ -220,15 +254,16 @@ def _train(config, stage, workdir, mesh, rules) -> dict:
     total_steps = _resolve_total_steps(config, stats)
     tx = make_optimizer(config.optim, total_steps)
 
-    graphdef, params_state = nnx.split(model, nnx.Param)
-    abstract_state = nnx.state(abstract_model(model.config), nnx.Param)
+    build, policy_of = PARAM_LAYOUTS[stage.param_layout]
+    graphdef, params_state = nnx.split(build(model), nnx.Param)
+    abstract_state = nnx.state(abstract_for_layout(model.config, stage.param_layout), nnx.Param)
     abstract_params = nnx.to_pure_dict(abstract_state)
     params_sh = nnx.to_pure_dict(sharding.state_shardings(abstract_state, mesh, rules))
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     opt_sh = _opt_shardings(abstract_opt, params_sh, abstract_params, mesh)
     data_iter = iter(dataset)
     info = {"model": model.config.to_dict(), "stage": stage.name, "tokenizer_dir": tokenizer_dir,
-            "init": source, "data_stats": stats}
+            "init": source, "data_stats": stats, "param_layout": stage.param_layout}
     writer = MetricWriter(workdir, tensorboard=config.tensorboard)
 
     if resume_step is not None:
@@ -248,7 +283,8 @@ def _train(config, stage, workdir, mesh, rules) -> dict:
         log.info("%s: initialised from %s; %d steps", stage.name, source, total_steps)
         start_values = {f"data/{k}": v for k, v in stats.items() if isinstance(v, (int, float))}
         if config.get("eval_at_start") and stage.evaluate:
-            start_values.update(stage.evaluate(nnx.merge(graphdef, params), tokenizer, config))
+            start_values.update(stage.evaluate(policy_of(nnx.merge(graphdef, params)),
+                                               tokenizer, config))
         writer.write(0, start_values)
 
     accum = int(config.optim.grad_accum_steps)
@@ -257,7 +293,7 @@ def _train(config, stage, workdir, mesh, rules) -> dict:
     step_fn = jax.jit(_make_step(graphdef, stage, tx, accum), donate_argnums=(0, 1),
                       out_shardings=(params_sh, opt_sh, None))
     loop = _Loop(config, stage, mngr, writer, data_iter, info, tokenizer, graphdef, stats,
-                 schedule(config.optim, total_steps), total_steps, workdir)
+                 schedule(config.optim, total_steps), total_steps, workdir, policy_of)
     return loop.run(step_fn, params, opt_state, start_step, mesh, rules)
 
 
@@ -265,11 +301,13 @@ class _Loop:
     """The step loop: batches in, metrics out, checkpoints, SIGTERM and non-finite checks."""
 
     def __init__(self, config, stage, mngr, writer, data_iter, info, tokenizer, graphdef, stats,
-                 lr_at, total_steps, workdir):
+                 lr_at, total_steps, workdir, policy_of):
         self.config, self.stage, self.mngr, self.writer = config, stage, mngr, writer
         self.data_iter, self.info, self.tokenizer, self.graphdef = data_iter, info, tokenizer, graphdef
         self.stats, self.lr_at, self.total_steps, self.workdir = stats, lr_at, total_steps, workdir
+        self.policy_of = policy_of
         self.stop_requested = False
+        self.save_pending = False  # a periodic/SIGTERM save waiting for a checkpoint boundary
 
     def save(self, step, params, opt_state):
         self.mngr.save(step, force=True, args=ocp.args.Composite(
@@ -298,8 +336,12 @@ class _Loop:
         window, last = None, {}
         progress = Progress(total, step)
         try:
+            use_params = getattr(self.data_iter, "use_params", None)
+            pop_metrics = getattr(self.data_iter, "pop_metrics", None)
             while step < total:
                 try:
+                    if use_params is not None:
+                        use_params(self.graphdef, params, step)
                     local = next(self.data_iter)
                 except StopIteration:
                     log.warning("data exhausted at step %d of %d; saving and stopping",
@@ -310,25 +352,32 @@ class _Loop:
                 params, opt_state, metrics = step_fn(params, opt_state,
                                                      _global_batch(local, mesh, rules))
                 step += 1
+                if pop_metrics is not None:
+                    metrics = {**metrics, **pop_metrics()}
                 if window is None:
                     window = WindowAverage(sorted(metrics))
                 window.add(metrics)
                 progress.add_tokens(float(np.sum(local.get("segment_ids", local["inputs"]) > 0)))
                 is_last = step == total
-                preempted = self.stop_requested or (
-                    jax.process_count() > 1 and self.mngr.reached_preemption(step))
-                checkpoint_now = is_last or preempted or step % config.checkpoint_every_steps == 0
+                if jax.process_count() > 1 and self.mngr.reached_preemption(step):
+                    self.stop_requested = True
+                stop = self.stop_requested
+                self.save_pending |= stop or step % config.checkpoint_every_steps == 0
+                boundary = getattr(self.data_iter, "at_checkpoint_boundary", True)
+                checkpoint_now = is_last or (self.save_pending and boundary)
+                preempted = stop and checkpoint_now
                 eval_now = bool(self.stage.evaluate and config.eval_every_steps and (
                     is_last or step % config.eval_every_steps == 0))
                 if step % config.log_every_steps == 0 or checkpoint_now or eval_now:
                     values = self.log_values(step, window, progress)
                     if eval_now:
-                        model = nnx.merge(self.graphdef, params)
+                        model = self.policy_of(nnx.merge(self.graphdef, params))
                         values.update(self.stage.evaluate(model, self.tokenizer, config))
                     self.writer.write(step, values)
                     last = values
                 if checkpoint_now:
                     self.save(step, params, opt_state)
+                    self.save_pending = False
                 if preempted:
                     self.mngr.wait_until_finished()
                     log.warning("SIGTERM: saved step %d and stopping", step)

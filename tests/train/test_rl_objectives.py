@@ -30,16 +30,16 @@ def test_grpo_clipping_masking_and_aggregation_by_hand():
     rewards = jnp.array([1.0, -1.0])
     # A > 0: min(1.5A, 1.2A) = 1.2A, min(0.5A, 0.8A) = 0.5A; A < 0: 1.5A and 0.8A.
     per_token = np.array([[-1.2 * A, -0.5 * A], [1.5 * A, 0.8 * A]])
+    adv = rl.group_advantages(rewards, group_size=2)
     loss, metrics = rl.grpo_loss(jnp.asarray(logp), jnp.asarray(old), jnp.asarray(logp),
-                                 jnp.asarray(mask), rewards, group_size=2, clip_eps=0.2,
-                                 aggregation="token")
+                                 jnp.asarray(mask), adv, clip_eps=0.2, aggregation="token")
     assert float(loss) == pytest.approx(per_token.sum() / 4, abs=1e-6)
     assert float(metrics["clip_fraction"]) == pytest.approx(2 / 4)  # 1.5 with A>0, 0.5 with A<0
     assert float(metrics["kl"]) == pytest.approx(0.0, abs=1e-7)  # ref == policy
     # Per-sequence aggregation with unequal lengths: mean over each sequence, then over both.
     mask2 = np.array([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     loss2, _ = rl.grpo_loss(jnp.asarray(logp), jnp.asarray(old), jnp.asarray(logp),
-                            jnp.asarray(mask2), rewards, group_size=2, aggregation="sequence")
+                            jnp.asarray(mask2), adv, aggregation="sequence")
     assert float(loss2) == pytest.approx(((-1.2 * A - 0.5 * A) / 2 + 1.5 * A) / 2, abs=1e-6)
 
 
@@ -49,13 +49,12 @@ def test_grpo_kl_term_by_hand():
     mask = jnp.ones((1, 2))
     q = np.log([0.5, 2.0])  # ref - logp
     k3 = np.exp(q) - q - 1.0
-    loss, metrics = rl.grpo_loss(logp, logp, ref, mask, jnp.array([1.0]), group_size=1,
-                                 kl_beta=0.04)
+    adv = rl.group_advantages(jnp.array([1.0]), group_size=1)
+    loss, metrics = rl.grpo_loss(logp, logp, ref, mask, adv, kl_beta=0.04)
     # A single-sample group has advantage 0: the loss is the KL term alone.
     assert float(loss) == pytest.approx(0.04 * k3.mean(), abs=1e-6)
     assert float(metrics["kl"]) == pytest.approx(k3.mean(), abs=1e-6)
-    grads = jax.grad(lambda r: rl.grpo_loss(logp, logp, r, mask, jnp.array([1.0]),
-                                            group_size=1, kl_beta=0.04)[0])(ref)
+    grads = jax.grad(lambda r: rl.grpo_loss(logp, logp, r, mask, adv, kl_beta=0.04)[0])(ref)
     assert np.all(np.asarray(grads) == 0)  # no gradient into the reference
 
 
@@ -82,7 +81,7 @@ def test_ppo_loss_by_hand():
         jnp.array([[1.0, 1.0]])
     mask = jnp.ones((1, 2))
     loss, m = rl.ppo_loss(logp, zeros, values, old_values, adv, returns, mask, clip_eps=0.2,
-                          value_clip_eps=0.2, value_coef=0.5, normalize_advantages=False)
+                          value_clip_eps=0.2, value_coef=0.5, normalize=False)
     policy = (-1.2 - 0.5) / 2
     # token 0: unclipped (0.9-1)^2 = 0.01, clipped value 0.7 -> 0.09: max 0.09; token 1: 1.0.
     value = 0.5 * (0.09 + 1.0) / 2

@@ -1,0 +1,97 @@
+"""Stage 4: RL with verifiable reward (GRPO by default, PPO with --config.rl.algorithm=ppo),
+with the paper's three stabilisers. Rollouts come from our sampler on the parameters being
+trained, in the same process.
+
+  python -m phimr_jax.main --config=configs/rl.py:demo --config.workdir=runs/demo/rl \
+      --config.init.checkpoint=runs/demo/dpo
+  python -m phimr_jax.main --config=configs/rl.py:phi4_mini --config.workdir=RUN4 \
+      --config.init.checkpoint=RUN3 --config.data.train_files=PROMPTS.jsonl
+"""
+
+from ml_collections import ConfigDict
+
+from phimr_jax.train.config_base import data_config, phi4_mini_training, train_config
+
+
+def get_config(arg="demo"):
+    c = train_config("rl")
+    c.data = data_config()
+    # RL prompts: records with `problem` and a gold `answer` (JSONL / Parquet). data.seq_len is
+    # the longest prompt + completion row; data.global_batch_size the rows per optimizer step
+    # (the train batch, independent of the rollout batch below).
+    c.data.num_epochs = 1  # Unused: RL runs for total_steps optimizer steps.
+    c.rl = ConfigDict()
+    c.rl.algorithm = "grpo"  # grpo | ppo (learned critic initialised from the policy, GAE).
+    c.rl.prompts_per_rollout = 16  # Prompts drawn per rollout batch.
+    # G, samples per prompt. Not published; 8 is the TRL default and the smallest group whose
+    # accuracy can pass the 50% filter with a few correct answers.
+    c.rl.group_size = 8
+    c.rl.max_new_tokens = 128  # Completion budget (a truncated completion gets reward -1).
+    c.rl.truncated_is_wrong = True  # A completion cut at max_new_tokens gets -1 (else graded).
+    c.rl.top_p = 1.0  # Nucleus sampling for rollouts (1.0: sample the policy itself).
+    c.rl.question_suffix = ""  # Appended to each problem (the demo was trained without one).
+    # mu: passes over each rollout batch. >1 reuses samples (the clipped ratio then matters);
+    # 2 is a common GRPO choice (DeepSeekMath uses 1; TRL num_iterations default 1).
+    c.rl.updates_per_rollout = 2
+    c.rl.clip_eps = 0.2  # Ratio clip. Not published; 0.2 = TRL / Tunix / PPO default.
+    # KL to the frozen initial policy (k3 estimator, exp(q) - q - 1). Not published; 0.0 is
+    # TRL's default (verifiable rewards keep the policy honest; DAPO / Dr. GRPO drop it); Tunix
+    # uses 0.04. > 0 holds a second copy of the weights for the reference.
+    c.rl.kl_beta = 0.0
+    # "token": every generated token weighs the same (DAPO; long answers are not diluted);
+    # "sequence": each completion's mean, then the mean over completions (original GRPO).
+    c.rl.aggregation = "token"
+    c.rl.scale_rewards = True  # GRPO: divide by the group's std (+1e-4); False = Dr. GRPO.
+    c.rl.max_empty_rollouts = 8  # Resample this often when filters drop a whole batch, then stop.
+    c.rl.reward_workers = 0  # Math-Verify worker processes (0 = min(8, CPUs)).
+    c.rl.reward_timeout_s = 5.0  # Per-completion grading limit (a hard kill; then reward -1).
+    # Stabiliser 1, temperature annealing: linear start -> end over the first anneal_fraction
+    # of the optimizer steps, then end (paper: 1.0 -> 0.6 over the first half).
+    c.rl.temperature = ConfigDict({"anneal": True, "start": 1.0, "end": 0.6,
+                                   "anneal_fraction": 0.5})
+    # Stabiliser 2, prompt optimisation: keep a prompt only if its G responses have uniform
+    # lengths (coefficient of variation std/mean <= max_length_cv), measured online per batch.
+    c.rl.length_filter = True
+    c.rl.max_length_cv = 0.5
+    # Stabiliser 3, reward rebalancing: drop groups with accuracy > max_accuracy, keep every
+    # positive response + as many random negatives; prompts whose accuracy <= hard_accuracy are
+    # drawn `oversample` times as often afterwards.
+    c.rl.rebalance = True
+    c.rl.max_accuracy = 0.5
+    c.rl.hard_accuracy = 0.25
+    c.rl.oversample = 2.0
+    c.rl.ppo = ConfigDict()
+    c.rl.ppo.gamma = 1.0  # Discount (1: the only reward is at the end).
+    c.rl.ppo.lam = 0.95  # GAE lambda.
+    c.rl.ppo.value_coef = 0.5  # Weight of the value loss.
+    c.rl.ppo.value_clip_eps = 0.2  # Clip of the value update around the rollout's values.
+    c.optim.warmup_fraction = 0.0  # RL starts from a trained policy: no warmup by default.
+    c.optim.decay = "constant"
+    c.eval_every_steps = 0
+    if arg == "demo":
+        # From the demo DPO (or SFT) run: --config.init.checkpoint=runs/demo/dpo.
+        c.model.preset = "demo"
+        c.data.demo = True
+        c.data.seq_len = 192
+        c.data.global_batch_size = 32
+        c.rl.max_new_tokens = 112
+        c.total_steps = 40
+        c.optim.learning_rate = 2e-5
+        c.log_every_steps = 4
+        c.checkpoint_every_steps = 20
+        c.eval_every_steps = 20
+        c.eval_at_start = True
+    elif arg == "phi4_mini":
+        # The paper's stage 4: 25K tokens, LR 5e-7. Rollout/train sizes are not published:
+        # 64 prompts x 8 samples per rollout, 128 rows per optimizer step.
+        phi4_mini_training(c, seq_len=25600, learning_rate=5e-7)
+        c.data.global_batch_size = 128
+        c.rl.prompts_per_rollout = 64
+        c.rl.max_new_tokens = 24576  # 24K completion + up to 1K prompt tokens.
+        c.rl.question_suffix = (" Please reason step by step, and put your final answer within "
+                                "\\boxed{}.")
+        c.total_steps = 1000
+        c.checkpoint_every_steps = 50
+    else:
+        raise ValueError(f"unknown preset {arg!r}: demo | phi4_mini")
+    return c

@@ -1,0 +1,270 @@
+"""Stage 4 (RL): the rollout iterator (rows, advantages, filters, scoring, minibatches, state),
+the GRPO/PPO batch losses inside the trainer's normalisation, and the CLI (kill/resume, PPO)."""
+
+import json
+import os
+import signal
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from phimr_jax.data.tokenizers import load_tokenizer
+from phimr_jax.model import sampling
+from phimr_jax.model.actor_critic import ActorCritic
+from phimr_jax.model.config import preset
+from phimr_jax.model.phi3 import init_model
+from phimr_jax.train import checkpointing, losses, rl
+from phimr_jax.train import rl_objectives as obj
+from phimr_jax.train import rl_stabilisers as st
+from phimr_jax.train.metrics import read_metrics
+from phimr_jax.train.rl_rollouts import RolloutIterator, make_score_fn
+from tests.data import demo_paths, sp_model, write_jsonl
+from tests.test_configs import load
+from tests.train.test_stages import ROOT, _env, _wait_for_checkpoint
+
+import sys
+
+
+class FakePool:
+    """Grades by a fixed pattern over each call's completions (cycled)."""
+
+    def __init__(self, pattern):
+        self.pattern = list(pattern)
+
+    def grade(self, texts, answers):
+        return np.array([self.pattern[i % len(self.pattern)] for i in range(len(texts))])
+
+
+def _config(**rl_overrides):
+    c = load("rl", "demo")
+    c.data.seq_len = 96
+    c.data.global_batch_size = 8
+    c.rl.max_new_tokens = 16
+    c.rl.prompts_per_rollout = 4
+    c.rl.group_size = 4
+    c.rl.length_filter = False
+    c.rl.truncated_is_wrong = False  # a random model never stops; the fake grader decides
+    c.total_steps = 20
+    for k, v in rl_overrides.items():
+        c.rl[k] = v
+    return c
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = load_tokenizer("sentencepiece", sp_model())
+    model = init_model(preset("tiny"), seed=0)
+    records = [json.loads(line) for line in open(demo_paths()["train"])]
+    prompts = [{"prompt_ids": tok.prompt_ids(r["problem"]), "answer": r["answer"]}
+               for r in records]
+    prompts = [p for p in prompts if len(p["prompt_ids"]) <= 96 - 16][:12]  # as load_prompts
+    return tok, model, prompts
+
+
+def _iterator(config, setup, pool, layout="policy", module=None):
+    tok, model, prompts = setup
+    module = module or model
+    policy_of = (lambda m: m.policy) if layout == "actor_critic" else (lambda m: m)
+    it = RolloutIterator(config, tok, prompts, pool, total_steps=config.total_steps,
+                         policy_of=policy_of, score_fn=make_score_fn(config, layout, 8))
+    graphdef, params = nnx.split(module, nnx.Param)
+    it.use_params(graphdef, params, 0)
+    return it
+
+
+def test_rollout_batch_rows_advantages_and_minibatches(setup):
+    tok, model, _ = setup
+    config = _config(updates_per_rollout=2)
+    # Each group: 1 correct of 4 -> accuracy 0.25 <= 0.5 kept; 1 positive + 1 negative trained.
+    it = _iterator(config, setup, FakePool([True, False, False, False]))
+    first = next(it)
+    assert not it.at_checkpoint_boundary and len(it.pending) == 1
+    second = next(it)
+    assert it.at_checkpoint_boundary
+    m = it.pop_metrics()
+    assert m["rollout/accuracy"] == pytest.approx(0.25)
+    assert m["rollout/responses_kept"] == 8 and m["filter/accuracy_dropped"] == 0
+    assert m["rollout/temperature"] == pytest.approx(1.0)
+    assert m["rollout/sampler_logp_diff"] < 1e-4  # sampler == trainer forward (fixed regime)
+    assert first["fresh"].tolist() == [1.0] * 8 and second["fresh"].tolist() == [0.0] * 8
+    # Advantages over the WHOLE group [+1, -1, -1, -1] (std ddof=1 = 1), then filtered.
+    a_pos, a_neg = 1.5 / (1.0 + obj.STD_EPS), -0.5 / (1.0 + obj.STD_EPS)
+    np.testing.assert_allclose(sorted(first["advantages"]), [a_neg] * 4 + [a_pos] * 4,
+                               rtol=1e-6)
+    # Same 8 responses in both epochs (reshuffled).
+    assert sorted(map(tuple, first["inputs"].tolist())) == \
+        sorted(map(tuple, second["inputs"].tolist()))
+    # Rows: completion tokens masked in, old log-probs = the loss's own forward.
+    logp, _ = losses.token_logprobs(model, {k: jnp.asarray(first[k]) for k in
+                                            ("inputs", "targets", "positions", "segment_ids")},
+                                    1024, long_rope=True)
+    # tiny's original context is 64 tokens: these rows use the long LongRoPE factors, as the
+    # sampler did (rope_regime of longest prompt + max_new_tokens).
+    assert first["long_rope"].tolist() == [1] * 8
+    np.testing.assert_allclose(np.asarray(logp) * first["loss_mask"],
+                               first["old_logp"] * first["loss_mask"], atol=1e-5)
+    assert np.all(first["loss_mask"].sum(1) >= 1)
+    # The importance ratio of the fresh minibatch is 1 and the loss is the token mean.
+    batch = {k: jnp.asarray(v) for k, v in first.items()}
+    loss_sum, weight, sums = rl.grpo_batch_loss(model, batch, clip_eps=0.2, kl_beta=0.0,
+                                                aggregation="token", chunk_size=1024)
+    assert float(sums["ratio_dev_fresh"]) / float(weight) < 1e-6
+    assert float(weight) == float(first["loss_mask"].sum())
+    expected = -np.sum(first["advantages"][:, None] * first["loss_mask"]) / float(weight)
+    assert float(loss_sum) / float(weight) == pytest.approx(expected, abs=1e-5)
+
+
+def test_filters_drop_easy_groups_and_resample_when_empty(setup):
+    config = _config(max_empty_rollouts=1)
+    # Every response correct: every group is above 50% accuracy, nothing can be trained on.
+    it = _iterator(config, setup, FakePool([True]))
+    with pytest.raises(ValueError, match="filtered out"):
+        next(it)
+    assert it.rollouts == 2  # one retry, then a clear error
+    # Rebalancing off: the same batch trains on every response.
+    it = _iterator(_config(rebalance=False), setup, FakePool([True, False]))
+    next(it)
+    assert it.pop_metrics()["rollout/responses_kept"] == 16
+
+
+def test_temperature_annealing_without_sampler_recompiles(setup):
+    config = _config(updates_per_rollout=1)
+    config.total_steps = 8
+    it = _iterator(config, setup, FakePool([True, False, False, False]))
+    seen = []
+    for step in range(5):
+        it.use_params(*it._module, step)
+        next(it)
+        seen.append(it.pop_metrics()["rollout/temperature"])
+        if step == 0:
+            compiled = sampling._sample._cache_size()
+    np.testing.assert_allclose(seen, [st.annealed_temperature(s, 8) for s in range(5)])
+    np.testing.assert_allclose(seen, [1.0, 0.9, 0.8, 0.7, 0.6])
+    assert sampling._sample._cache_size() == compiled
+
+
+def test_iterator_state_round_trip_redraws_the_same_prompts(setup):
+    config = _config(updates_per_rollout=1)
+    a = _iterator(config, setup, FakePool([True, False, False, False]))
+    next(a)
+    state = json.dumps(a.get_state()).encode()  # as the checkpoint stores it
+    expected = next(a)
+    b = _iterator(config, setup, FakePool([True, False, False, False]))
+    b.set_state(state)
+    b.use_params(*a._module, a.step)
+    got = next(b)
+    for k in ("inputs", "advantages", "loss_mask"):
+        np.testing.assert_array_equal(got[k], expected[k])
+
+
+def test_ppo_rollout_values_gae_and_loss(setup):
+    tok, model, _ = setup
+    module = ActorCritic.from_policy(model)
+    assert module.critic.q[...] is not model.q[...]  # a copy, not shared buffers
+    config = _config(algorithm="ppo", updates_per_rollout=1)
+    it = _iterator(config, setup, FakePool([True, False, False, False]), "actor_critic", module)
+    batch = next(it)
+    mask = batch["loss_mask"]
+    assert np.all(batch["old_values"] == 0)  # zero-initialised value head
+    # Values 0, gamma 1: GAE's return of a token k steps before the end is lam^k * reward.
+    last = (np.cumsum(mask, 1) == mask.sum(1, keepdims=True)) & (mask > 0)
+    rewards = batch["returns"][last]
+    assert sorted(rewards.tolist()) == [-1.0] * 4 + [1.0] * 4
+    to_end = mask.sum(1, keepdims=True) - np.cumsum(mask, 1)
+    np.testing.assert_allclose(batch["returns"] * mask,
+                               rewards[:, None] * config.rl.ppo.lam ** to_end * mask, rtol=1e-5)
+    params = nnx.state(module, nnx.Param)
+    graphdef = nnx.graphdef(module)
+
+    def loss(p):
+        out = rl.ppo_batch_loss(nnx.merge(graphdef, p), {k: jnp.asarray(v) for k, v in
+                                                       batch.items()}, clip_eps=0.2,
+                                value_clip_eps=0.2, value_coef=0.5, aggregation="token",
+                                chunk_size=1024)
+        return out[0] / out[1]
+    grads = jax.grad(loss)(params)
+    assert float(jnp.abs(grads["value_head"][...]).sum()) > 0  # the critic learns
+    assert float(jnp.abs(grads["policy"]["q"][...]).sum()) > 0
+
+
+# ---------------------------------------------------------------------------- CLI
+def _prompt_file(tmp_path):
+    """Demo problems whose gold answers are single digits: a random model's completions (random
+    pieces, digits among them) end in the right number now and then (a few percent of 64
+    completions per rollout), so the rewards are mixed from the first step."""
+    rows = [dict(json.loads(line), answer=str(i % 10))
+            for i, line in enumerate(open(demo_paths()["train"]))][:40]
+    return write_jsonl(str(tmp_path / "prompts.jsonl"), rows)
+
+
+def _rl_cmd(workdir, prompts, *extra):
+    return [sys.executable, "-m", "phimr_jax.main", "--config=configs/rl.py:demo",
+            f"--config.workdir={workdir}", f"--config.data.train_files={prompts}",
+            f"--config.data.tokenizer.kind=sentencepiece",
+            f"--config.data.tokenizer.path={sp_model()}", "--config.data.demo=false",
+            "--config.model.preset=tiny", "--config.data.seq_len=128",
+            "--config.rl.max_new_tokens=32", "--config.rl.prompts_per_rollout=8",
+            "--config.rl.group_size=8", "--config.rl.rebalance=false",
+            "--config.rl.length_filter=false", "--config.data.global_batch_size=32",
+            "--config.rl.truncated_is_wrong=false",
+            "--config.log_every_steps=1", "--config.eval_at_start=false",
+            "--config.eval_every_steps=0", "--config.rl.reward_workers=1",
+            "--config.tensorboard=false", *extra]
+
+
+def _run_rl(workdir, prompts, *extra):
+    res = subprocess.run(_rl_cmd(workdir, prompts, *extra), cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+
+
+DETERMINISTIC = ("loss", "rollout/reward_mean", "rollout/temperature", "rollout/length_mean",
+                 "kl", "entropy", "clip_fraction")
+
+
+@pytest.mark.slow
+def test_rl_kill_and_resume_continues_the_same_run(tmp_path):
+    prompts = _prompt_file(tmp_path)
+    steps = ["--config.total_steps=8", "--config.checkpoint_every_steps=2",
+             "--config.rl.updates_per_rollout=2"]
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    _run_rl(straight, prompts, *steps)
+    proc = subprocess.Popen(_rl_cmd(killed, prompts, *steps), cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_checkpoint(proc, killed, 4)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert checkpointing.latest_step(killed) < 8
+    _run_rl(killed, prompts, *steps)
+    a, b = ([r for r in read_metrics(w) if "loss" in r] for w in (straight, killed))
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 9))
+    for ra, rb in zip(a, b):
+        for k in DETERMINISTIC:
+            assert ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-7), (ra["step"], k)
+    temps = [r["rollout/temperature"] for r in a]
+    # 64 responses per rollout (filters off) = 2 minibatches of 32 x mu 2 = 4 steps per rollout:
+    # rollouts at steps 0 and 4 (temperature 1.0, then 0.6 once half the steps are done).
+    np.testing.assert_allclose(temps, [st.annealed_temperature(4 * (s // 4), 8)
+                                       for s in range(8)], atol=1e-6)
+    assert any(r["rollout/reward_mean"] > -1 for r in a)  # mixed rewards: a real signal
+    assert os.path.exists(os.path.join(straight, rl.CURVES_FILE))
+
+
+@pytest.mark.slow
+def test_ppo_runs_and_later_stages_read_its_policy(tmp_path):
+    prompts = _prompt_file(tmp_path)
+    workdir = str(tmp_path / "ppo")
+    _run_rl(workdir, prompts, "--config.total_steps=2", "--config.rl.algorithm=ppo",
+            "--config.rl.updates_per_rollout=1")
+    rows = read_metrics(workdir)
+    assert "value_loss" in rows[-1] and np.isfinite(rows[-1]["value_loss"])
+    model, info, step = checkpointing.restore_model(workdir)
+    assert info["param_layout"] == "actor_critic" and step == 2
+    assert model.config.num_layers == preset("tiny").num_layers and not hasattr(model, "critic")
