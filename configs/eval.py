@@ -20,7 +20,8 @@ def get_config(arg="math500"):
     c.answer_field = "answer"  # math format: field with the gold answer.
     c.difficulty_field = "level"  # math format: optional field for a per-difficulty breakdown
     # of pass@1 in the summary (MATH-500: "level"; the demo corpus: "difficulty"; "" = none).
-    c.suffix = ""  # Prompt suffix ("" = the paper's "Please reason step by step, ...").
+    # Prompt suffix ("" = the paper's "Please reason step by step, ..."; "none" = no suffix).
+    c.suffix = ""
     c.limit = 0  # Evaluate only the first N problems (0 = all).
     c.max_new_tokens = 32768  # Paper: up to 32,768 generated tokens.
     c.num_samples = 8  # k samples per problem for pass@1 (paper: 64 for AIME, 8 otherwise).
@@ -34,6 +35,9 @@ def get_config(arg="math500"):
         c.format = "gpqa"
     elif preset == "demo":
         c.difficulty_field = "difficulty"
+        # The demo corpus' training prompts carry no suffix: evaluate the demo model on the
+        # prompts it was trained on (a 4-layer model does not generalise to an unseen suffix).
+        c.suffix = "none"
         c.max_new_tokens = 128
         c.num_samples = 4
         c.dtype = "float32"

@@ -1,10 +1,10 @@
-"""The recipe: stage 1 (mid-training) -> 2 (SFT) -> 3 (rollout DPO), each initialised from the
-previous stage's checkpoint and evaluated on the same held-out problems; writes the paper-style
-table (markdown + JSON) and a PNG of the loss per stage. Rerunning skips finished stages.
+"""The recipe: stage 1 (mid-training) -> 2 (SFT) -> 3 (rollout DPO) -> 4 (RL), each initialised
+from the previous stage's checkpoint and evaluated on the same held-out problems; writes the
+paper-style table (markdown + JSON), PNGs of the loss per stage and of RL reward/temperature,
+and exports the final model as an HF directory. Rerunning skips finished stages.
 
   python -m phimr_jax.main --config=configs/recipe.py --config.workdir=runs/demo
 Stage settings are the stages' own presets, overridable as --config.stages.sft.total_steps=100.
-Stage 4 (RL) joins the chain when it exists (issue 6).
 """
 
 import importlib.util
@@ -15,7 +15,7 @@ from ml_collections import ConfigDict
 from phimr_jax.train.config_base import base_config
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-ORDER = ("midtrain", "sft", "dpo")
+ORDER = ("midtrain", "sft", "dpo", "rl")
 
 
 def _stage_config(name, preset):
@@ -43,6 +43,7 @@ def get_config(arg="demo"):
     c.eval.name = "heldout"
     c.eval.num_samples = 4 if preset == "demo" else 8  # k samples per problem for pass@1.
     c.eval.limit = 64 if preset == "demo" else 0  # Problems evaluated after each stage.
+    c.export_dir = "hf_model"  # The last stage exported here for transformers ("" = skip).
     return c
 
 

@@ -4,8 +4,9 @@
 convert: reads an HF Phi3 checkpoint tensor by tensor straight into the configured mesh, copies
 its tokenizer files into `workdir/tokenizer/`, and writes `workdir/checkpoints/<step>/`.
 export: restores a run's checkpoint (default: the latest) into the mesh and writes an HF
-directory (config.json, generation_config.json, safetensors + index), with the tokenizer files
-of the run (or `tokenizer_dir`) copied beside them.
+directory (config.json, generation_config.json, safetensors + index), with the run's tokenizer
+(or `tokenizer_dir`) beside them as an HF tokenizer with the chat template (a demo
+SentencePiece tokenizer is converted; see data/hf_tokenizer_export.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 
 from ml_collections import ConfigDict
 
+from phimr_jax.data.hf_tokenizer_export import write_hf_tokenizer
 from phimr_jax.model.hf_io import load_hf, save_hf
 from phimr_jax.model.phi3 import param_count
 from phimr_jax.train import checkpointing
@@ -54,7 +56,7 @@ def run_export(config: ConfigDict) -> str:
             max_shard_size=int(config.max_shard_size_mb) * 1024 * 1024,
             rope_format=config.rope_format)
     tok_src = config.tokenizer_dir or info.get("tokenizer_dir", "")
-    copied = checkpointing.copy_tokenizer_files(tok_src, config.out_dir)
+    copied = write_hf_tokenizer(tok_src, config.out_dir) if tok_src else []
     log.info("exported %s step %d -> %s%s", config.workdir, step, config.out_dir,
              f" with tokenizer files {copied}" if copied else
              " (run knows no tokenizer; pass --config.tokenizer_dir to add one)")

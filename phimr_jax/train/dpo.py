@@ -91,7 +91,8 @@ def _demo_pairs(config: ConfigDict) -> dict:
         path = os.path.join(os.path.dirname(src), f"pairs_{split}.jsonl")
         if not os.path.exists(path):
             rng = random.Random(config.seed + (split == "heldout"))
-            with open(src) as f, open(path + ".tmp", "w") as g:
+            tmp = f"{path}.tmp{jax.process_index()}"  # each process its own, then renamed
+            with open(src) as f, open(tmp, "w") as g:
                 for line in f:
                     rec = json.loads(line)
                     wrong = demo_corpus.wrong_solution(rec, rng)
@@ -99,7 +100,7 @@ def _demo_pairs(config: ConfigDict) -> dict:
                                         "rejected": wrong["solution"], "answer": rec["answer"],
                                         "difficulty": rec["difficulty"],
                                         "domain": rec["domain"]}) + "\n")
-            os.replace(path + ".tmp", path)
+            os.replace(tmp, path)
         out[split] = path
     return out
 

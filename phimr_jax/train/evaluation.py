@@ -53,7 +53,8 @@ def load_problems(config: ConfigDict) -> tuple[list, list, str, list]:
         if missing:
             raise ValueError(f"{len(missing)} problems of {config.dataset} have no "
                              f"{config.answer_field!r} (first: record {missing[0]})")
-        questions = [f"{r['problem']}\n{config.suffix or MATH_SUFFIX}" for r in records]
+        suffix = "" if config.suffix == "none" else "\n" + (config.suffix or MATH_SUFFIX)
+        questions = [r["problem"] + suffix for r in records]
         levels = [None if r.get("difficulty") is None else str(r["difficulty"])
                   for r in records]
         return questions, [str(r["answer"]) for r in records], "math", levels

@@ -104,7 +104,8 @@ class Progress:
         now = time.time()
         dt = max(now - self._t, 1e-9)
         sps = (step - self._step) / dt
-        out = {"steps_per_sec": sps, "tokens_per_sec": self._tokens / dt}
+        # Tokens are counted on this process's rows; every process has as many.
+        out = {"steps_per_sec": sps, "tokens_per_sec": self._tokens * jax.process_count() / dt}
         eta = (self.total - step) / sps if sps > 0 else float("inf")
         log.info("step %d/%d  %.2f steps/s  %.0f tokens/s  ETA %s", step, self.total, sps,
                  out["tokens_per_sec"], _fmt_eta(eta))

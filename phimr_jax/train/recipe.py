@@ -1,10 +1,11 @@
 """Stage `recipe`: the training stages in order, each from the previous one's checkpoint, each
 evaluated with the eval harness on the same held-out problems; a paper-style table and plots.
 
-Layout under `workdir`: one run directory per stage (`midtrain/`, `sft/`, `dpo/`), each with a
-`DONE` marker once finished (a rerun skips it; an unfinished stage resumes from its own latest
-checkpoint), `recipe.md` and `recipe.json` (held-out pass@1 after each stage, starting with the
-model stage 1 starts from) and `loss_per_stage.png`.
+Layout under `workdir`: one run directory per stage (`midtrain/`, `sft/`, `dpo/`, `rl/`), each
+with a `DONE` marker once finished (a rerun skips it; an unfinished stage resumes from its own
+latest checkpoint), `recipe.md` and `recipe.json` (held-out pass@1 after each stage, starting
+with the model stage 1 starts from), `loss_per_stage.png`, `rl_reward_temperature.png`, and
+`hf_model/`: the last stage exported for transformers, with the tokenizer and chat template.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from phimr_jax.train import checkpointing
 
 log = logging.getLogger(__name__)
 RUNNERS = {"midtrain": "phimr_jax.train.midtrain", "sft": "phimr_jax.train.sft",
-           "dpo": "phimr_jax.train.dpo"}
+           "dpo": "phimr_jax.train.dpo", "rl": "phimr_jax.train.rl"}
 
 
 def _run_stage(name: str, config: ConfigDict) -> None:
@@ -63,6 +64,43 @@ def _plot(workdir: str, order) -> str:
     return path
 
 
+def _plot_rl(workdir: str) -> str:
+    """rl_reward_temperature.png: RL rollout reward / accuracy and the annealed temperature."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from phimr_jax.train.metrics import read_metrics
+    rows = [r for r in read_metrics(os.path.join(workdir, "rl")) if "rollout/reward_mean" in r]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    steps = [r["step"] for r in rows]
+    ax1.plot(steps, [r["rollout/reward_mean"] for r in rows], marker=".", label="mean reward")
+    ax1.plot(steps, [r["rollout/accuracy"] for r in rows], marker=".", label="accuracy")
+    ax1.set_title("RL rollouts")
+    ax1.legend(fontsize=8)
+    ax2.plot(steps, [r["rollout/temperature"] for r in rows], marker=".")
+    ax2.set_title("sampling temperature")
+    for ax in (ax1, ax2):
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    path = os.path.join(workdir, "rl_reward_temperature.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _export(config: ConfigDict, root: str) -> str:
+    """The last stage's checkpoint as an HF directory with tokenizer + chat template."""
+    from phimr_jax.train.convert import run_export
+    out = os.path.join(root, config.export_dir)
+    if not os.path.exists(os.path.join(out, "config.json")):
+        run_export(ConfigDict({
+            "workdir": os.path.join(root, config.order[-1]), "out_dir": out, "step": -1,
+            "dtype": "", "max_shard_size_mb": 5120, "rope_format": "auto", "tokenizer_dir": "",
+            "mesh": config.mesh, "sharding_rules": config.sharding_rules}))
+    return out
+
+
 def run(config: ConfigDict) -> list:
     if not config.workdir:
         raise ValueError("missing required option --config.workdir=...")
@@ -94,6 +132,7 @@ def run(config: ConfigDict) -> list:
         rows.append(_evaluate(config, start, dataset, "start (before stage 1)"))
     for name in config.order:
         rows.append(_evaluate(config, os.path.join(root, name), dataset, f"+ {name}"))
+    exported = _export(config, root) if config.export_dir else ""
     table = ["| model | held-out pass@1 (%) | ± SE | problems | k | mean tokens |",
              "|---|---|---|---|---|---|"]
     table += [f"| {r['stage']} | {100 * r['pass@1']:.1f} | {100 * r['stderr']:.1f} | "
@@ -104,7 +143,11 @@ def run(config: ConfigDict) -> list:
         with open(os.path.join(root, "recipe.json"), "w") as f:
             json.dump(rows, f, indent=2)
         _plot(root, config.order)
+        if "rl" in config.order:
+            _plot_rl(root)
         print("\n".join(table))
+        if exported:
+            print(f"final model (HF format, with tokenizer and chat template): {exported}")
     return rows
 
 
