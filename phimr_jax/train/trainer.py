@@ -290,11 +290,30 @@ def _train(config, stage, workdir, mesh, rules) -> dict:
     accum = int(config.optim.grad_accum_steps)
     if config.data.global_batch_size % (accum * jax.process_count()):
         raise ValueError("data.global_batch_size must divide into grad_accum_steps x processes")
+    _log_memory_estimate(config, model.config, mesh, accum, stage.param_layout)
     step_fn = jax.jit(_make_step(graphdef, stage, tx, accum), donate_argnums=(0, 1),
                       out_shardings=(params_sh, opt_sh, None))
     loop = _Loop(config, stage, mngr, writer, data_iter, info, tokenizer, graphdef, stats,
                  schedule(config.optim, total_steps), total_steps, workdir, policy_of)
     return loop.run(step_fn, params, opt_state, start_step, mesh, rules)
+
+
+def _log_memory_estimate(config, model_config, mesh, accum: int, layout: str) -> dict:
+    """Print the per-device memory estimate of a step (train/memory.py) before training."""
+    from phimr_jax.train.memory import estimate, format_estimate
+    shape = dict(mesh.shape)
+    batch_devices = shape.get("data", 1) * shape.get("fsdp", 1)
+    est = estimate(model_config, seq_len=int(config.data.seq_len),
+                   batch_per_device=max(1, config.data.global_batch_size // accum // batch_devices),
+                   devices=shape.get("fsdp", 1) * shape.get("tensor", 1),
+                   param_dtype=config.model.param_dtype, compute_dtype=config.model.dtype,
+                   remat_policy=config.model.remat_policy, chunk_size=int(config.loss.chunk_size),
+                   grad_accum_steps=accum)
+    if layout == "actor_critic":  # a second decoder (the critic): twice the weights and layers
+        est = {k: v * (1 if k == "logits_chunk" else 2) for k, v in est.items() if k != "total"}
+        est["total"] = sum(est.values())
+    log.info("%s", format_estimate(est, "estimated memory per device (train/memory.py)"))
+    return est
 
 
 class _Loop:
