@@ -29,6 +29,8 @@ def get_config(arg="demo"):
     c.rl.max_new_tokens = 128  # Completion budget (a truncated completion gets reward -1).
     c.rl.truncated_is_wrong = True  # A completion cut at max_new_tokens gets -1 (else graded).
     c.rl.top_p = 1.0  # Nucleus sampling for rollouts (1.0: sample the policy itself).
+    # Prompts with difficulty in [data.min_difficulty, rl.max_difficulty] (-1 = no bound).
+    c.rl.max_difficulty = -1.0
     c.rl.question_suffix = ""  # Appended to each problem (the demo was trained without one).
     # mu: passes over each rollout batch. >1 reuses samples (the clipped ratio then matters);
     # 2 is a common GRPO choice (DeepSeekMath uses 1; TRL num_iterations default 1).

@@ -46,47 +46,20 @@ def _evaluate(config: ConfigDict, run_dir: str, dataset: str, label: str) -> dic
 
 
 def _plot(workdir: str, order) -> str:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from phimr_jax.train.metrics import read_metrics
-    fig, axes = plt.subplots(1, len(order), figsize=(4 * len(order), 3.2))
-    for ax, name in zip(list(getattr(axes, "flat", [axes])), order):
-        rows = [r for r in read_metrics(os.path.join(workdir, name)) if "loss" in r]
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker=".")
-        ax.set_title(f"{name} loss")
-        ax.set_xlabel("step")
-    fig.tight_layout()
-    path = os.path.join(workdir, "loss_per_stage.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    from phimr_jax.train.metrics import plot_panels, read_metrics
+    panels = [(f"{name} loss", [(None, read_metrics(os.path.join(workdir, name)), "loss")])
+              for name in order]
+    return plot_panels(os.path.join(workdir, "loss_per_stage.png"), panels)
 
 
 def _plot_rl(workdir: str) -> str:
     """rl_reward_temperature.png: RL rollout reward / accuracy and the annealed temperature."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from phimr_jax.train.metrics import read_metrics
-    rows = [r for r in read_metrics(os.path.join(workdir, "rl")) if "rollout/reward_mean" in r]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
-    steps = [r["step"] for r in rows]
-    ax1.plot(steps, [r["rollout/reward_mean"] for r in rows], marker=".", label="mean reward")
-    ax1.plot(steps, [r["rollout/accuracy"] for r in rows], marker=".", label="accuracy")
-    ax1.set_title("RL rollouts")
-    ax1.legend(fontsize=8)
-    ax2.plot(steps, [r["rollout/temperature"] for r in rows], marker=".")
-    ax2.set_title("sampling temperature")
-    for ax in (ax1, ax2):
-        ax.set_xlabel("step")
-    fig.tight_layout()
-    path = os.path.join(workdir, "rl_reward_temperature.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    from phimr_jax.train.metrics import plot_panels, read_metrics
+    rows = read_metrics(os.path.join(workdir, "rl"))
+    panels = [("RL rollouts", [("mean reward", rows, "rollout/reward_mean"),
+                               ("accuracy", rows, "rollout/accuracy")]),
+              ("sampling temperature", [(None, rows, "rollout/temperature")])]
+    return plot_panels(os.path.join(workdir, "rl_reward_temperature.png"), panels)
 
 
 def _export(config: ConfigDict, root: str) -> str:

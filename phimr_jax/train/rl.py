@@ -117,13 +117,14 @@ def load_prompts(config: ConfigDict, tokenizer) -> tuple[list, dict]:
     if budget < 2:
         raise ValueError(f"data.seq_len {config.data.seq_len} leaves no room for a prompt "
                          f"beside rl.max_new_tokens {config.rl.max_new_tokens}")
-    low = float(config.data.min_difficulty)
-    prompts, too_long, too_easy = [], 0, 0
+    low, high = float(config.data.min_difficulty), float(config.rl.max_difficulty)
+    prompts, too_long, outside = [], 0, 0
     for i in range(len(source)):
         rec = source[i]
         d = difficulty_value(rec.get("difficulty"))
-        if low >= 0 and (d is None or d < low):
-            too_easy += 1
+        if (low >= 0 or high >= 0) and (d is None or (low >= 0 and d < low)
+                                        or (high >= 0 and d > high)):
+            outside += 1
             continue
         ids = tokenizer.prompt_ids(rec["problem"] + config.rl.question_suffix)
         if len(ids) > budget:
@@ -132,10 +133,10 @@ def load_prompts(config: ConfigDict, tokenizer) -> tuple[list, dict]:
         prompts.append({"prompt_ids": ids, "answer": str(rec["answer"])})
     if len(prompts) < config.rl.prompts_per_rollout:
         raise ValueError(f"{len(prompts)} usable RL prompts (of {len(source)}; {too_long} too "
-                         f"long, {too_easy} below min_difficulty), fewer than "
+                         f"long, {outside} outside the difficulty range), fewer than "
                          f"rl.prompts_per_rollout={config.rl.prompts_per_rollout}")
     return prompts, {"prompts": len(prompts), "prompts_too_long": too_long,
-                     "prompts_below_min_difficulty": too_easy}
+                     "prompts_outside_difficulty_range": outside}
 
 
 def _reference(config: ConfigDict):
@@ -210,28 +211,10 @@ PLOTTED = ("rollout/reward_mean", "rollout/accuracy", "eval/accuracy", "rollout/
 
 def plot_curves(workdir: str) -> str:
     """`rl_curves.png`: one panel per metric in PLOTTED that the run logged."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from phimr_jax.train.metrics import read_metrics
+    from phimr_jax.train.metrics import plot_panels, read_metrics
     rows = read_metrics(workdir)
-    names = [n for n in PLOTTED if any(n in r for r in rows)]
-    cols = 4
-    fig, axes = plt.subplots(-(-len(names) // cols), cols, figsize=(4 * cols, 2.8 * -(-len(names) // cols)),
-                             squeeze=False)
-    for ax, name in zip(axes.flat, names):
-        pts = [(r["step"], r[name]) for r in rows if name in r]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".")
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
-    fig.tight_layout()
-    path = os.path.join(os.path.abspath(workdir), CURVES_FILE)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    panels = [(n, [(None, rows, n)]) for n in PLOTTED if any(n in r for r in rows)]
+    return plot_panels(os.path.join(os.path.abspath(workdir), CURVES_FILE), panels, cols=4)
 
 
 def run(config: ConfigDict) -> dict:
