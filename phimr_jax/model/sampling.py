@@ -193,6 +193,9 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
         jnp.float32(top_p), jnp.int32(top_k), jnp.asarray(stops or [-1], jnp.int32),
         jnp.int32(max_new_tokens), jnp.asarray(rope_regime(cfg, longest + max_new_tokens)),
         jnp.int32(vocab_limit or cfg.vocab_size), budget=budget, hf_rope=rope_mode == "hf")
+    if jax.process_count() > 1:  # rows are sharded over hosts: every process gets them all
+        from jax.experimental import multihost_utils
+        out, lp, slp = multihost_utils.process_allgather((out, lp, slp), tiled=True)
     out, lp, slp = np.asarray(out)[:n], np.asarray(lp)[:n], np.asarray(slp)[:n]
     tokens, lps, slps, lengths, reasons = [], [], [], [], []
     for i in range(n):
