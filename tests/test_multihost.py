@@ -202,3 +202,28 @@ def test_distributed_settings_errors_are_one_line():
                           timeout=120)
     assert none.returncode == 2 and "coordinator_address" in none.stderr
     assert "PHIMR_COORDINATOR_ADDRESS" in none.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_rl_two_processes_match_one(tmp_path):
+    """Stage 4 multi-host: both processes sample the same rollout batch (the sampler's rows are
+    sharded over all 4 devices and gathered on every process), each trains on its slice of each
+    minibatch; rewards and losses equal one process driving the 4 devices."""
+    from tests.train.test_rl import _prompt_file, _rl_cmd
+    prompts = _prompt_file(tmp_path)
+    multi, single = tmp_path / "rl_two", tmp_path / "rl_one"
+    extra = ["--config.total_steps=4", "--config.rl.updates_per_rollout=2",
+             "--config.checkpoint_every_steps=4"]
+    address = f"127.0.0.1:{_free_port()}"
+    cmds = [_rl_cmd(multi, prompts, *extra) + [
+        "--distributed", f"--coordinator_address={address}", "--num_processes=2",
+        f"--process_id={i}"] for i in range(2)]
+    _launch(cmds, [_env(2)] * 2, tmp_path, "rl_multi")
+    _launch([_rl_cmd(single, prompts, *extra)], [_env(4)], tmp_path, "rl_single")
+    got, want = _metrics(multi), _metrics(single)
+    keys = ("rollout/reward_mean", "rollout/length_mean", "loss", "entropy")
+    rows = [(g, w) for g, w in zip(got, want) if "loss" in w]
+    assert [g["step"] for g, _ in rows] == [1, 2, 3, 4]
+    for g, w in rows:
+        for k in keys:
+            assert g[k] == pytest.approx(w[k], rel=1e-4, abs=1e-6), (g["step"], k)
