@@ -3,7 +3,25 @@
 `sampler`: tokens/s of `phimr_jax.generate` against `transformers` `generate` on the same small
 Phi3 model (same weights, batch, prompt and generation lengths), in one process, as a ratio.
 Both greedy, neither stops early; our sampler is measured after its one compilation, HF after a
-warm-up call. Requires torch (the `test` extra).
+warm-up call. Requires torch (the `test` extra). In both comparisons with HF, torch runs at
+each thread count of `hf_threads` and its best is the baseline (on a loaded 2-core machine one
+torch thread was 2-3x faster than two).
+
+`forward`: tokens/s of our jitted full forward (float32 [batch, seq, vocab] logits) against the
+`transformers` torch forward of the same weights and token ids, in one process, as a ratio;
+ours once per attention implementation in `attention_impls`. The max |logit difference| is
+reported too, so a fast wrong forward cannot pass unnoticed.
+
+`train_step`: one jitted optimizer step like the trainer's (value_and_grad of the chunked
+cross-entropy, global-norm clipping, AdamW, donated state): tokens/s, model TFLOP/s, MFU
+against a measured ceiling (the best time of one jitted [n, n] @ [n, n] matmul in the compute
+dtype), compile time, and memory: XLA's buffer assignment (argument + output + temp - aliased,
+`compiled.memory_analysis()`) next to `train.memory.estimate`. Model FLOPs per step are
+6 x (matmul parameters, the tied LM head included) x tokens + causal attention,
+3 (fwd + bwd) x 2 matmuls x 2 x batch x heads x head_dim x T(T+1)/2 x layers: recomputation
+(remat, the rematerialised loss chunks) and masked-out blocks are not counted.
+
+`all`: the three in turn, one JSON each plus bench_all.json.
 """
 
 from __future__ import annotations
@@ -15,7 +33,9 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from ml_collections import ConfigDict
 
 from phimr_jax.model.config import preset
@@ -35,22 +55,37 @@ def _time(fn, repeats: int) -> float:
     return best
 
 
+def _threads(spec) -> list[int]:
+    """torch thread counts to try for the HF side ("1,2"; 0 = all cores)."""
+    return [int(x) or (os.cpu_count() or 1) for x in str(spec).split(",") if x.strip()]
+
+
+def _hf_best(fn, threads: list[int], repeats: int, out: dict, tokens: int) -> float:
+    """Best time of `fn` over torch thread counts (each tried `repeats` times after a warm-up);
+    records tokens/s per thread count in `out`. On a loaded 2-core machine one torch thread
+    can beat two by 2-3x (OpenMP barriers stall when a core is taken), so HF gets its best."""
+    import torch
+
+    best = float("inf")
+    for n in threads:
+        torch.set_num_threads(n)
+        fn()
+        t = _time(fn, repeats)
+        out[f"hf_tokens_per_s_{n}_threads"] = tokens / t
+        best = min(best, t)
+    torch.set_num_threads(os.cpu_count() or 1)
+    return best
+
+
 def bench_sampler(config: ConfigDict) -> dict:
     import torch
-    import transformers
 
     b = config.sampler
-    cfg = preset(b.model_preset, **dict(b.model_overrides))
-    model = init_model(cfg, seed=0)
+    cfg, model, hf = _ours_and_hf(b)
     rng = np.random.default_rng(0)
     prompts = rng.integers(4, cfg.vocab_size, size=(b.batch_size, b.prompt_len)).tolist()
-    with tempfile.TemporaryDirectory() as tmp:
-        save_hf(model, tmp)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-        model = load_hf(tmp)  # the same weights, as a user would load them
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
-    torch.set_num_threads(os.cpu_count() or 1)
     ids = torch.tensor(prompts)
 
     def ours():
@@ -64,30 +99,202 @@ def bench_sampler(config: ConfigDict) -> dict:
     start = time.perf_counter()
     ours()
     compile_s = time.perf_counter() - start
-    theirs()
-    t_ours, t_hf = _time(ours, b.repeats), _time(theirs, b.repeats)
     tokens = b.batch_size * b.new_tokens
+    t_ours = _time(ours, b.repeats)
     out = {"bench": "sampler", "device": jax.devices()[0].device_kind,
            "model": b.model_preset, "params": param_count(cfg),
-           "batch": b.batch_size, "prompt_len": b.prompt_len, "new_tokens": b.new_tokens,
-           "ours_tokens_per_s": tokens / t_ours, "hf_tokens_per_s": tokens / t_hf,
-           "ratio": t_hf / t_ours, "ours_first_call_s": compile_s,
-           "hf_ms_per_step": 1000 * t_hf / b.new_tokens}
+           "batch": b.batch_size, "prompt_len": b.prompt_len, "new_tokens": b.new_tokens}
+    t_hf = _hf_best(theirs, _threads(b.hf_threads), b.repeats, out, tokens)
+    out.update({"ours_tokens_per_s": tokens / t_ours, "hf_tokens_per_s": tokens / t_hf,
+                "ratio": t_hf / t_ours, "ours_first_call_s": compile_s,
+                "hf_ms_per_step": 1000 * t_hf / b.new_tokens})
     return out
 
 
-BENCHES = {"sampler": bench_sampler}
+def _ours_and_hf(b: ConfigDict, **model_kw):
+    """Our model and the transformers model with the same weights (via save_hf/load_hf)."""
+    import torch
+    import transformers
+
+    cfg = preset(b.model_preset, **dict(b.model_overrides), **model_kw)
+    model = init_model(cfg, seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf(model, tmp)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+        model = load_hf(tmp)
+    torch.set_num_threads(os.cpu_count() or 1)
+    return cfg, model, hf
+
+
+def bench_forward(config: ConfigDict) -> dict:
+    import torch
+
+    b = config.forward
+    cfg, loaded, hf = _ours_and_hf(b)
+    ids = np.random.default_rng(0).integers(4, cfg.vocab_size, size=(b.batch_size, b.seq_len))
+    tokens = b.batch_size * b.seq_len
+    ids_t = torch.tensor(ids)
+
+    def theirs():
+        with torch.no_grad():
+            return hf(ids_t).logits
+
+    hf_logits = theirs().numpy()  # also the warm-up
+    out = {"bench": "forward", "device": jax.devices()[0].device_kind, "model": b.model_preset,
+           "params": param_count(cfg), "batch": b.batch_size, "seq_len": b.seq_len,
+           "attention_block_size": b.attention_block_size}
+    ids_j = jnp.asarray(ids, jnp.int32)
+    ours = {}
+    for impl in [s.strip() for s in str(b.attention_impls).split(",") if s.strip()]:
+        graphdef, state = nnx.split(_with_impl(loaded, impl, b.attention_block_size))
+        fwd = jax.jit(lambda st, x, g=graphdef: nnx.merge(g, st)(x))
+        start = time.perf_counter()
+        logits = np.asarray(jax.block_until_ready(fwd(state, ids_j)))
+        out[f"{impl}_first_call_s"] = time.perf_counter() - start
+        out[f"{impl}_max_abs_logit_diff"] = float(np.abs(logits - hf_logits).max())
+        ours[impl] = lambda f=fwd, st=state: jax.block_until_ready(f(st, ids_j))
+    # Interleaved repeats (HF at each thread count, then ours), best of each: load on a shared
+    # machine drifts, and interleaving gives every side the same conditions. HF gets its best
+    # thread count (see _hf_best).
+    threads = _threads(b.hf_threads)
+    sides = [(f"hf{n}", theirs, n) for n in threads] + [(i, f, None) for i, f in ours.items()]
+    best = {name: float("inf") for name, _, _ in sides}
+    for _ in range(b.repeats):
+        for name, fn, n in sides:
+            if n is not None:
+                torch.set_num_threads(n)
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    torch.set_num_threads(os.cpu_count() or 1)
+    for n in threads:
+        out[f"hf_tokens_per_s_{n}_threads"] = tokens / best[f"hf{n}"]
+    t_hf = min(best[f"hf{n}"] for n in threads)
+    out["hf_tokens_per_s"] = tokens / t_hf
+    for impl in ours:
+        out[f"{impl}_tokens_per_s"] = tokens / best[impl]
+        out[f"{impl}_ratio_vs_hf"] = t_hf / best[impl]
+    return out
+
+
+def _with_impl(model, impl: str, block_size: int):
+    """The same weights under another attention implementation (the config is static)."""
+    _, state = nnx.split(model)
+    cfg = model.config.replace(attention_impl=impl, attention_block_size=block_size)
+    fresh = nnx.eval_shape(lambda: type(model)(cfg, rngs=nnx.Rngs(0)))
+    new_graphdef, _ = nnx.split(fresh)
+    return nnx.merge(new_graphdef, state)
+
+
+def matmul_ceiling(dtype: str, n: int, repeats: int = 5) -> float:
+    """FLOP/s of the best of `repeats` jitted [n, n] @ [n, n] matmuls in `dtype`."""
+    dt = jnp.dtype(dtype)
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dt)
+    mm = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=dt))
+    jax.block_until_ready(mm(a, a))
+    return 2 * n ** 3 / _time(lambda: jax.block_until_ready(mm(a, a)), repeats)
+
+
+def model_flops_per_token_pair(cfg) -> tuple[int, int]:
+    """(matmul parameters: layers without norms + the LM head, attention FLOPs per visible
+    (query, key) pair per layer in fwd + bwd: 3 x 2 matmuls x 2 x heads x head_dim)."""
+    from phimr_jax.model.phi3 import layer_param_shapes
+
+    per_layer = sum(int(np.prod(s)) for n, s in layer_param_shapes(cfg).items()
+                    if not n.endswith("norm"))
+    n_matmul = cfg.num_layers * per_layer + cfg.vocab_size * cfg.hidden_size
+    return n_matmul, 12 * cfg.num_heads * cfg.resolved_head_dim
+
+
+def bench_train_step(config: ConfigDict) -> dict:
+    import optax
+
+    from phimr_jax.train import losses, memory
+
+    b = config.train_step
+    cfg = preset(b.model_preset, **dict(b.model_overrides), attention_impl=b.attention_impl,
+                 attention_block_size=b.attention_block_size, remat_policy=b.remat_policy,
+                 dtype=b.dtype)
+    model = init_model(cfg, seed=0)
+    graphdef, params = nnx.split(model)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-4, b1=0.9, b2=0.95))
+    opt_state = tx.init(params)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(4, cfg.vocab_size, size=(b.batch_size, b.seq_len + 1)).astype(np.int32)
+    batch = {"inputs": jnp.asarray(ids[:, :-1]), "targets": jnp.asarray(ids[:, 1:]),
+             "loss_mask": jnp.ones((b.batch_size, b.seq_len), jnp.float32)}
+
+    def step(params, opt_state, batch):
+        def loss_fn(p):
+            total, weight, _ = losses.cross_entropy(nnx.merge(graphdef, p), batch, b.chunk_size)
+            return total / weight
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    start = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, batch).compile()
+    compile_s = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+            - mem.alias_size_in_bytes)
+    est = memory.estimate(cfg, seq_len=b.seq_len, batch_per_device=b.batch_size,
+                          chunk_size=b.chunk_size)
+    params, opt_state, loss = compiled(params, opt_state, batch)  # warm-up
+    times = []
+    for _ in range(b.steps):
+        start = time.perf_counter()
+        params, opt_state, loss = compiled(params, opt_state, batch)
+        jax.block_until_ready(loss)
+        times.append(time.perf_counter() - start)
+    t = float(np.median(times))
+    tokens = b.batch_size * b.seq_len
+    n_matmul, per_pair = model_flops_per_token_pair(cfg)
+    pairs = b.batch_size * b.seq_len * (b.seq_len + 1) // 2
+    flops = 6 * n_matmul * tokens + per_pair * pairs * cfg.num_layers
+    ceiling = matmul_ceiling(cfg.dtype, b.matmul_size)
+    return {"bench": "train_step", "device": jax.devices()[0].device_kind,
+            "model": b.model_preset, "params": param_count(cfg), "matmul_params": n_matmul,
+            "batch": b.batch_size, "seq_len": b.seq_len, "attention_impl": cfg.attention_impl,
+            "attention_block_size": cfg.attention_block_size,
+            "remat_policy": cfg.remat_policy, "dtype": cfg.dtype, "chunk_size": b.chunk_size,
+            "step_s": t, "tokens_per_s": tokens / t, "model_tflops_per_step": flops / 1e12,
+            "model_tflop_per_s": flops / t / 1e12, "matmul_ceiling_tflop_per_s": ceiling / 1e12,
+            "mfu": flops / t / ceiling, "compile_s": compile_s,
+            "peak_memory_mib": peak / 2**20, "estimated_memory_mib": est["total"] / 2**20,
+            "loss": float(loss)}
+
+
+def bench_all(config: ConfigDict) -> dict:
+    results = {}
+    for name in ("sampler", "forward", "train_step"):
+        results[name] = BENCHES[name](config)
+        _report(name, results[name], config.workdir)
+    return results
+
+
+BENCHES = {"sampler": bench_sampler, "forward": bench_forward, "train_step": bench_train_step,
+           "all": bench_all}
+
+
+def _report(name: str, result: dict, workdir: str) -> None:
+    width = max(len(k) for k in result)
+    print("\n".join(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}"
+                    for k, v in result.items()), flush=True)
+    if workdir:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, f"bench_{name}.json"), "w") as f:
+            json.dump(result, f, indent=2)
 
 
 def run(config: ConfigDict) -> dict:
     if config.bench not in BENCHES:
         raise ValueError(f"unknown bench {config.bench!r}; choose from {sorted(BENCHES)}")
     result = BENCHES[config.bench](config)
-    width = max(len(k) for k in result)
-    print("\n".join(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}"
-                    for k, v in result.items()))
-    if config.workdir:
-        os.makedirs(config.workdir, exist_ok=True)
-        with open(os.path.join(config.workdir, f"bench_{config.bench}.json"), "w") as f:
-            json.dump(result, f, indent=2)
+    if config.bench == "all":
+        if config.workdir:
+            with open(os.path.join(config.workdir, "bench_all.json"), "w") as f:
+                json.dump(result, f, indent=2)
+    else:
+        _report(config.bench, result, config.workdir)
     return result

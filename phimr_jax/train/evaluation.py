@@ -142,7 +142,7 @@ def run(config: ConfigDict) -> dict:
 
 
 def format_table(summaries: list) -> str:
-    rows = [f"| benchmark | problems | k | pass@1 (%) | ± SE | mean tokens | truncated |",
+    rows = ["| benchmark | problems | k | pass@1 (%) | ± SE | mean tokens | truncated |",
             "|---|---|---|---|---|---|---|"]
     for s in summaries:
         rows.append(f"| {s['name']} | {s['problems']} | {s['samples_per_problem']} | "

@@ -16,7 +16,8 @@
     full  only each layer's input, plus one layer's full intermediates.
   The reference "xla" attention adds [heads, T, T] float32 scores and compute-dtype probs
   per layer kept (policy none) or for the one layer being recomputed; "blockwise", "splash"
-  and "cudnn" keep a float32 log-sum-exp per head and a few [heads, block, block] blocks.
+  and "cudnn" keep a float32 log-sum-exp per head, plus four float32 [heads, block, block]
+  blocks in the backward (`attention_block_size`; not small when the block is the sequence).
 - logits_chunk: the chunked LM head (train/losses.py): float32 [batch, chunk, vocab] logits
   and their gradient for the chunk being differentiated (the exp of the log-sum-exp fuses),
   plus the float32 gradient of the (tied) head that the chunk loop accumulates.
@@ -48,9 +49,11 @@ def _layer_activations(cfg: ModelConfig, t: int, c: int, policy: str) -> tuple[f
     # attention output, residual sum, gate/up/silu/product, down output.
     layer = c * (5 * d + 3 * hq + 3 * hkv + 4 * f) + 4 * 2 * d
     # Reference attention: f32 scores + probs kept, f32 d(probs) and d(scores) in the backward;
-    # blockwise kernels: the f32 log-sum-exp only (blocks are negligible).
+    # blockwise kernels: the f32 log-sum-exp kept, and four f32 [heads, block, block] blocks
+    # (scores, probs, d(probs), d(scores)) live in the backward (per token: / t).
+    block = min(cfg.attention_block_size, t)
     attn_keep = (4 + c) * h * t if dense_attn else 4 * h
-    attn_grad = 2 * 4 * h * t if dense_attn else 0
+    attn_grad = 2 * 4 * h * t if dense_attn else 4 * 4 * h * block * block / t
     if policy == "none":
         return layer + attn_keep, layer + attn_grad
     working = layer + attn_keep + attn_grad

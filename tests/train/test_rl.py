@@ -3,8 +3,8 @@ the GRPO/PPO batch losses inside the trainer's normalisation, and the CLI (kill/
 
 import json
 import os
-import signal
 import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -24,9 +24,7 @@ from phimr_jax.train.metrics import read_metrics
 from phimr_jax.train.rl_rollouts import RolloutIterator, make_score_fn
 from tests.data import demo_paths, sp_model, write_jsonl
 from tests.test_configs import load
-from tests.train.test_stages import ROOT, _env, _wait_for_checkpoint
-
-import sys
+from tests.train.test_stages import ROOT, _env, sigkill_after_checkpoint
 
 
 class FakePool:
@@ -204,7 +202,7 @@ def _prompt_file(tmp_path):
 def _rl_cmd(workdir, prompts, *extra):
     return [sys.executable, "-m", "phimr_jax.main", "--config=configs/rl.py:demo",
             f"--config.workdir={workdir}", f"--config.data.train_files={prompts}",
-            f"--config.data.tokenizer.kind=sentencepiece",
+            "--config.data.tokenizer.kind=sentencepiece",
             f"--config.data.tokenizer.path={sp_model()}", "--config.data.demo=false",
             "--config.model.preset=tiny", "--config.data.seq_len=128",
             "--config.rl.max_new_tokens=32", "--config.rl.prompts_per_rollout=8",
@@ -233,14 +231,7 @@ def test_rl_kill_and_resume_continues_the_same_run(tmp_path):
              "--config.rl.updates_per_rollout=2"]
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
     _run_rl(straight, prompts, *steps)
-    proc = subprocess.Popen(_rl_cmd(killed, prompts, *steps), cwd=ROOT, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_for_checkpoint(proc, killed, 4)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        proc.kill()
+    sigkill_after_checkpoint(_rl_cmd(killed, prompts, *steps), killed, 4)
     assert checkpointing.latest_step(killed) < 8
     _run_rl(killed, prompts, *steps)
     a, b = ([r for r in read_metrics(w) if "loss" in r] for w in (straight, killed))

@@ -47,6 +47,19 @@ def _wait_for_checkpoint(proc, workdir, step, timeout=300):
         time.sleep(0.05)
 
 
+def sigkill_after_checkpoint(cmd, workdir, step) -> None:
+    """Start `cmd`, SIGKILL it as soon as its step-`step` checkpoint is committed."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_checkpoint(proc, workdir, step)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+
+
 def _params(workdir):
     model, _, step = checkpointing.restore_model(workdir)
     return step, {n: np.asarray(getattr(model, n)[...]) for n in ("embed", "q", "up", "final_norm")}
@@ -57,15 +70,7 @@ def test_sigkill_then_rerun_is_bit_exact(tmp_path):
     steps = ["--config.total_steps=40", "--config.checkpoint_every_steps=10"]
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
     _run("configs/midtrain.py:demo", straight, *steps)
-    proc = subprocess.Popen(_cmd("configs/midtrain.py:demo", killed, *steps), cwd=ROOT,
-                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_for_checkpoint(proc, killed, 10)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    sigkill_after_checkpoint(_cmd("configs/midtrain.py:demo", killed, *steps), killed, 10)
     assert checkpointing.latest_step(killed) < 40
     _run("configs/midtrain.py:demo", killed, *steps)
     a, b = read_metrics(straight), read_metrics(killed)
