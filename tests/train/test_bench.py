@@ -1,0 +1,53 @@
+"""Smoke runs of the benchmarks at toy sizes: they run, write JSON, report sane fields.
+(The figures themselves are in BENCHMARKS.md; nothing here asserts a speed.)"""
+
+import json
+
+import pytest
+
+from phimr_jax.train import bench
+from tests.test_configs import load
+
+TOY = {"num_layers": 1, "hidden_size": 64, "num_heads": 4, "num_kv_heads": 2,
+       "intermediate_size": 128, "vocab_size": 256, "short_factor": [1.0] * 6,
+       "long_factor": [1.0] * 6}
+
+
+def _config(name, workdir):
+    c = load("bench", name)
+    c.workdir = str(workdir)
+    for sub in ("sampler", "forward", "train_step"):
+        c[sub].model_overrides = TOY
+    c.sampler.update(batch_size=2, prompt_len=4, new_tokens=4, repeats=1)
+    c.forward.update(batch_size=2, seq_len=16, repeats=1)
+    c.train_step.update(batch_size=2, seq_len=32, chunk_size=16, steps=2, matmul_size=128)
+    return c
+
+
+def test_forward_bench_matches_hf(tmp_path, torch_cpu):
+    out = bench.run(_config("forward", tmp_path))
+    for impl in ("xla", "blockwise"):
+        assert out[f"{impl}_tokens_per_s"] > 0 and out[f"{impl}_max_abs_logit_diff"] < 1e-4
+    assert json.loads((tmp_path / "bench_forward.json").read_text())["bench"] == "forward"
+
+
+@pytest.mark.parametrize("impl", ["xla", "blockwise"])
+def test_train_step_bench(tmp_path, impl):
+    c = _config("train_step", tmp_path)
+    c.train_step.attention_impl = impl
+    out = bench.run(c)
+    assert out["attention_impl"] == impl and out["tokens_per_s"] > 0
+    assert 0 < out["mfu"] and out["model_tflop_per_s"] > 0 and out["compile_s"] > 0
+    # 6 N T + causal attention, by hand for the toy model (1 layer, head_dim 16).
+    n = 1 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128) + 256 * 64
+    pairs = 2 * 32 * 33 // 2
+    assert out["model_tflops_per_step"] * 1e12 == pytest.approx(
+        6 * n * 64 + 12 * 4 * 16 * pairs)
+    assert 0.5 < out["estimated_memory_mib"] / out["peak_memory_mib"] < 2
+
+
+def test_all_writes_every_result(tmp_path, torch_cpu):
+    out = bench.run(_config("all", tmp_path))
+    assert set(out) == {"sampler", "forward", "train_step"}
+    for name in ("sampler", "forward", "train_step", "all"):
+        assert (tmp_path / f"bench_{name}.json").exists()
