@@ -33,11 +33,11 @@ def get_config(arg="demo"):
         c.data.demo = True
         c.data.seq_len = 192
         c.data.global_batch_size = 16  # rows = 8 pairs per step
-        c.total_steps = 80
-        c.optim.learning_rate = 5e-5
+        c.total_steps = 40
+        c.optim.learning_rate = 2e-5
         c.log_every_steps = 10
-        c.checkpoint_every_steps = 40
-        c.eval_every_steps = 40
+        c.checkpoint_every_steps = 20
+        c.eval_every_steps = 20
     elif arg == "phi4_mini":
         # The paper's stage 3: LR 5e-7, 1 epoch, 16K tokens. Batch not published: 64 pairs.
         phi4_mini_training(c, seq_len=16384, learning_rate=5e-7)
