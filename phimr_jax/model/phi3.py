@@ -30,7 +30,6 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from phimr_jax.model import rope
-from phimr_jax.model.attention import MASK_VALUE as _MASK_VALUE  # noqa: F401 (re-export)
 from phimr_jax.model.attention import make_attention, xla_attention
 from phimr_jax.model.config import ModelConfig
 from phimr_jax.model.sharding import constrain
