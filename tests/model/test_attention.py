@@ -266,3 +266,21 @@ def test_cudnn_on_gpu_equals_reference():
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     ref = A.xla_attention(*f32, A.dense_mask(256, 256, sliding_window=100))
     np.testing.assert_allclose(got, ref, atol=3e-2)
+
+
+def test_model_blockwise_sharded_equals_unsharded():
+    """Blockwise attention inside the trainer's setting: params and batch sharded over an
+    (fsdp 4, tensor 2) mesh of fake devices, loss and gradients as on one device."""
+    from phimr_jax.model.sharding import state_shardings
+
+    batch = _packed_batch(32)
+    batch = {k: np.concatenate([v] * 2) for k, v in batch.items()}  # 4 rows over fsdp 4
+    model = _model("blockwise")
+    want = _grads(model, batch)
+    mesh = make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+    graphdef, state = nnx.split(model)
+    with jax.set_mesh(mesh), axis_rules(DEFAULT_RULES):
+        sharded = nnx.merge(graphdef, jax.device_put(state, state_shardings(state, mesh)))
+        got = _grads(sharded, batch)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
