@@ -38,6 +38,8 @@ def train_config(stage: str) -> ConfigDict:
     c.model.param_dtype = "float32"  # Master weights (and optimizer state) dtype.
     c.model.dtype = "float32"  # Compute dtype of the matmuls (bfloat16 for mixed precision).
     c.model.remat_policy = "none"  # Per-layer rematerialisation: none | full | dots.
+    # Attention kernel: "" = the model's (xla) | xla | blockwise | splash (TPU) | cudnn (GPU).
+    c.model.attention_impl = ""
     c.init = ConfigDict()
     c.init.checkpoint = ""  # Start from another run's latest checkpoint (its run directory).
     c.init.hf_dir = ""  # Or from an HF Phi3 directory; neither = fresh model.preset weights.

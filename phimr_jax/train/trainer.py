@@ -232,8 +232,10 @@ def _model_for_run(config, mngr, mesh, rules):
     resume_step = mngr.latest_step()
     if resume_step is None:
         model, tokenizer_dir, source = _init_model(config, mesh, rules)
+        kernel = {"attention_impl": config.model.attention_impl} \
+            if config.model.get("attention_impl") else {}
         model = with_model_config(model, dtype=config.model.dtype,
-                                  remat_policy=config.model.remat_policy)
+                                  remat_policy=config.model.remat_policy, **kernel)
         return model, tokenizer_dir, source, None
     info = mngr.restore(resume_step, args=ocp.args.Composite(
         run_info=ocp.args.JsonRestore()))["run_info"]
