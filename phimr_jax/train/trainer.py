@@ -303,13 +303,16 @@ def _train(config, stage, workdir, mesh, rules) -> dict:
 def _log_memory_estimate(config, model_config, mesh, accum: int, layout: str) -> dict:
     """Print the per-device memory estimate of a step (train/memory.py) before training."""
     from phimr_jax.train.memory import estimate, format_estimate
+    if not config.data.get("seq_len"):  # a stage whose rows have no fixed length
+        return {}
     shape = dict(mesh.shape)
     batch_devices = shape.get("data", 1) * shape.get("fsdp", 1)
     est = estimate(model_config, seq_len=int(config.data.seq_len),
                    batch_per_device=max(1, config.data.global_batch_size // accum // batch_devices),
                    devices=shape.get("fsdp", 1) * shape.get("tensor", 1),
                    param_dtype=config.model.param_dtype, compute_dtype=config.model.dtype,
-                   remat_policy=config.model.remat_policy, chunk_size=int(config.loss.chunk_size),
+                   remat_policy=config.model.remat_policy,
+                   chunk_size=int(config.get("loss", {}).get("chunk_size", 1024)),
                    grad_accum_steps=accum)
     if layout == "actor_critic":  # a second decoder (the critic): twice the weights and layers
         est = {k: v * (1 if k == "logits_chunk" else 2) for k, v in est.items() if k != "total"}
