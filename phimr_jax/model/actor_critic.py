@@ -55,18 +55,14 @@ class ActorCritic(nnx.Module):
         return cls(policy, critic, head)
 
 
-def _policy(module):
+def _same(module):
     return module
-
-
-def _actor_critic_policy(module):
-    return module.policy
 
 
 # layout name -> (build the trained module from a policy model, take the policy back out).
 PARAM_LAYOUTS = {
-    "policy": (lambda policy: policy, _policy),
-    "actor_critic": (ActorCritic.from_policy, _actor_critic_policy),
+    "policy": (_same, _same),
+    "actor_critic": (ActorCritic.from_policy, lambda module: module.policy),
 }
 
 

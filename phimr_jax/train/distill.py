@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 _BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
 
 
-def _publish(out_dir: str, names: tuple, make) -> None:
+def publish(out_dir: str, names: tuple, make) -> None:
     """`make(tmp_dir)` writes files `names`; they are then renamed into `out_dir` one by one
     (atomic), so processes sharing a workdir (multi-host) never read a half-written file. Every
     process that finds them missing makes its own copy: the demo data and tokenizer are
@@ -54,7 +54,7 @@ def demo_paths(config: ConfigDict) -> dict:
     out = os.path.join(os.path.abspath(config.workdir), "demo_data")
     paths = {"train": os.path.join(out, "train.jsonl"), "heldout": os.path.join(out, "heldout.jsonl")}
     if not all(os.path.exists(p) for p in paths.values()):
-        _publish(out, ("heldout.jsonl", "train.jsonl"), lambda tmp: demo_corpus.generate(
+        publish(out, ("heldout.jsonl", "train.jsonl"), lambda tmp: demo_corpus.generate(
             tmp, n_train=config.data.demo_train, n_heldout=config.data.demo_heldout,
             seed=config.seed))
     return paths
@@ -95,7 +95,7 @@ def resolve_tokenizer(config: ConfigDict, inherited_dir: str):
         model = os.path.join(out, "tokenizer.model")
         if not os.path.exists(model):
             train, _ = data_files(config)
-            _publish(out, ("tokenizer.vocab", "tokenizer.model"), lambda tmp: train_sentencepiece(
+            publish(out, ("tokenizer.vocab", "tokenizer.model"), lambda tmp: train_sentencepiece(
                 demo_corpus.corpus_texts(train), os.path.join(tmp, "tokenizer"),
                 config.data.demo_vocab_size))
         return load_tokenizer("sentencepiece", model), out

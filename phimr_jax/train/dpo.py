@@ -88,21 +88,24 @@ def _demo_pairs(config: ConfigDict) -> dict:
     paths = distill.demo_paths(config)
     out = {}
     for split, src in (("train", paths["train"]), ("heldout", paths["heldout"])):
-        path = os.path.join(os.path.dirname(src), f"pairs_{split}.jsonl")
-        if not os.path.exists(path):
+        name = f"pairs_{split}.jsonl"
+        out_dir = os.path.dirname(src)
+        if not os.path.exists(os.path.join(out_dir, name)):
             rng = random.Random(config.seed + (split == "heldout"))
-            tmp = f"{path}.tmp{jax.process_index()}"  # each process its own, then renamed
-            with open(src) as f, open(tmp, "w") as g:
-                for line in f:
-                    rec = json.loads(line)
-                    wrong = demo_corpus.wrong_solution(rec, rng)
-                    g.write(json.dumps({"problem": rec["problem"], "chosen": rec["solution"],
-                                        "rejected": wrong["solution"], "answer": rec["answer"],
-                                        "difficulty": rec["difficulty"],
-                                        "domain": rec["domain"]}) + "\n")
-            os.replace(tmp, path)
-        out[split] = path
+            distill.publish(out_dir, (name,), lambda tmp: _write_demo_pairs(
+                src, os.path.join(tmp, name), rng))
+        out[split] = os.path.join(out_dir, name)
     return out
+
+
+def _write_demo_pairs(src: str, dst: str, rng: random.Random) -> None:
+    with open(src) as f, open(dst, "w") as g:
+        for line in f:
+            rec = json.loads(line)
+            wrong = demo_corpus.wrong_solution(rec, rng)
+            g.write(json.dumps({"problem": rec["problem"], "chosen": rec["solution"],
+                                "rejected": wrong["solution"], "answer": rec["answer"],
+                                "difficulty": rec["difficulty"], "domain": rec["domain"]}) + "\n")
 
 
 def pair_files(config: ConfigDict) -> tuple[str, str]:

@@ -42,9 +42,9 @@ def token_logprobs(model, batch: dict, chunk_size: int = 1024, *, long_rope=None
         lse = jax.nn.logsumexp(logits, axis=-1)
         out = (picked - lse, jnp.argmax(logits, axis=-1) == tgt)
         if with_entropy:  # H = logsumexp - E_p[logit]; a metric, so no gradient through it
-            probs = jax.nn.softmax(jax.lax.stop_gradient(logits), axis=-1)
-            out += (jax.lax.stop_gradient(lse) - jnp.sum(probs * jax.lax.stop_gradient(logits),
-                                                         axis=-1),)
+            fixed = jax.lax.stop_gradient(logits)
+            probs = jax.nn.softmax(fixed, axis=-1)
+            out += (jax.lax.stop_gradient(lse) - jnp.sum(probs * fixed, axis=-1),)
         return out
 
     outs = jax.lax.map(one_chunk, (hidden, targets))

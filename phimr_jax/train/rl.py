@@ -180,26 +180,15 @@ def make_stage(config: ConfigDict, pool: RewardPool) -> Stage:
         prompts, stats = load_prompts(config, tokenizer)
         rows = config.data.global_batch_size // config.optim.grad_accum_steps
         score = make_score_fn(config, layout, rows)
-        policy_of = (lambda m: m.policy) if layout == "actor_critic" else (lambda m: m)
-        iterator = RolloutIterator(config, tokenizer, prompts, pool,
-                                   total_steps=int(config.total_steps), policy_of=policy_of,
-                                   score_fn=score, reference=_reference(config))
-        return _Once(iterator), stats
+        # The trainer calls iter() on it once; the iterator is its own iterator.
+        return RolloutIterator(config, tokenizer, prompts, pool,
+                               total_steps=int(config.total_steps), layout=layout,
+                               score_fn=score, reference=_reference(config)), stats
 
     return Stage(name="rl", make_data=make_data, loss_fn=loss,
                  weight_fn=functools.partial(batch_weight, aggregation=rl.aggregation),
                  evaluate=distill.heldout_accuracy, tokenizer_fn=distill.resolve_tokenizer,
                  param_layout=layout)
-
-
-class _Once:
-    """The trainer calls iter(dataset) once; the rollout iterator is its own iterator."""
-
-    def __init__(self, iterator):
-        self.iterator = iterator
-
-    def __iter__(self):
-        return self.iterator
 
 
 # ---------------------------------------------------------------------------- plot

@@ -38,6 +38,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from phimr_jax.model.actor_critic import PARAM_LAYOUTS
 from phimr_jax.model.sampling import generate, rope_regime
 from phimr_jax.train import rl_objectives as obj
 from phimr_jax.train import rl_stabilisers as st
@@ -57,10 +58,11 @@ class RolloutIterator:
     """Iterator of per-process RL minibatches (see module docstring)."""
 
     def __init__(self, config, tokenizer, prompts: list, pool, *, total_steps: int,
-                 policy_of: Callable, score_fn: Callable, reference=None):
+                 layout: str, score_fn: Callable, reference=None):
         self.config, self.rl, self.tokenizer = config, config.rl, tokenizer
         self.prompts, self.pool, self.total_steps = prompts, pool, total_steps
-        self.policy_of, self.score_fn, self.reference = policy_of, score_fn, reference
+        self.policy_of = PARAM_LAYOUTS[layout][1]  # the trained module -> the policy
+        self.score_fn, self.reference = score_fn, reference
         self.sampler = st.HardPromptSampler(len(prompts), seed=config.seed,
                                             oversample=self.rl.oversample,
                                             hard_accuracy=self.rl.hard_accuracy)
@@ -199,10 +201,8 @@ class RolloutIterator:
                 "loss_mask": np.zeros((n, t), np.float32),
                 "positions": np.zeros((n, t), np.int32),
                 "segment_ids": np.zeros((n, t), np.int32)}
-        longest = 0
         for i, toks in enumerate(result.tokens):
             ids = list(prompts[i // g]["prompt_ids"]) + list(toks)
-            longest = max(longest, len(ids))
             k = len(ids) - 1
             rows["inputs"][i, :k], rows["targets"][i, :k] = ids[:-1], ids[1:]
             rows["loss_mask"][i, len(prompts[i // g]["prompt_ids"]) - 1:k] = 1.0
@@ -294,8 +294,10 @@ def make_score_fn(config, layout: str, chunk_rows: int) -> Callable:
             out.append(np.asarray(got)[:chunk_rows - short])
         return np.concatenate(out)
 
+    policy_of = PARAM_LAYOUTS[layout][1]
+
     def score(module, reference, rows) -> dict:
-        policy = module.policy if layout == "actor_critic" else module
+        policy = policy_of(module)
         out = {"old_logp": run(policy_logp, policy, rows)}
         out["ref_logp"] = run(policy_logp, reference, rows) if reference is not None \
             else out["old_logp"]

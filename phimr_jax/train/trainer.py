@@ -155,15 +155,20 @@ def _opt_shardings(abstract_opt, params_sh, params, mesh):
     return jax.tree_util.tree_map_with_path(one, abstract_opt)
 
 
+def _batch_sharding(shape, mesh, rules) -> NamedSharding:
+    """Batch arrays ([rows], [rows, length], ...): rows over the batch axes."""
+    axes = ("batch", "length")[:len(shape)] + (None,) * max(len(shape) - 2, 0)
+    return NamedSharding(mesh, sharding.logical_to_spec(axes, shape, mesh, rules))
+
+
 def _global_batch(local: dict, mesh, rules) -> dict:
     """Per-process numpy batch -> global jax arrays sharded over the batch axes."""
     out = {}
     for k, v in local.items():
         v = np.asarray(v)
         global_shape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
-        axes = ("batch", "length")[:v.ndim] + (None,) * max(v.ndim - 2, 0)
-        spec = sharding.logical_to_spec(axes, global_shape, mesh, rules)
-        out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), v, global_shape)
+        out[k] = jax.make_array_from_process_local_data(
+            _batch_sharding(global_shape, mesh, rules), v, global_shape)
     return out
 
 
@@ -173,9 +178,8 @@ def replicated_batch(x: np.ndarray):
     mesh = jax.sharding.get_mesh()
     if mesh.empty:
         return x
-    axes = ("batch", "length")[:x.ndim] + (None,) * max(x.ndim - 2, 0)
-    spec = sharding.logical_to_spec(axes, x.shape, mesh, sharding.current_rules())
-    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda i: x[i])
+    return jax.make_array_from_callback(
+        x.shape, _batch_sharding(x.shape, mesh, sharding.current_rules()), lambda i: x[i])
 
 
 def _make_step(graphdef, stage: Stage, tx, accum: int):

@@ -66,9 +66,8 @@ def setup():
 def _iterator(config, setup, pool, layout="policy", module=None):
     tok, model, prompts = setup
     module = module or model
-    policy_of = (lambda m: m.policy) if layout == "actor_critic" else (lambda m: m)
     it = RolloutIterator(config, tok, prompts, pool, total_steps=config.total_steps,
-                         policy_of=policy_of, score_fn=make_score_fn(config, layout, 8))
+                         layout=layout, score_fn=make_score_fn(config, layout, 8))
     graphdef, params = nnx.split(module, nnx.Param)
     it.use_params(graphdef, params, 0)
     return it
