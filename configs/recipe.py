@@ -42,7 +42,7 @@ def get_config(arg="demo"):
     c.eval.dataset = ""  # Held-out problems; "" = the demo corpus' held-out file (demo).
     c.eval.name = "heldout"
     c.eval.num_samples = 4 if preset == "demo" else 8  # k samples per problem for pass@1.
-    c.eval.limit = 64 if preset == "demo" else 0  # Problems evaluated after each stage.
+    c.eval.limit = 0  # Evaluate the first N held-out problems after each stage (0 = all).
     c.export_dir = "hf_model"  # The last stage exported here for transformers ("" = skip).
     return c
 

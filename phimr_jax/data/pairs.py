@@ -44,9 +44,11 @@ def pair_rows(tokenizer: ChatTokenizer, record: dict, seq_len: int) -> Optional[
 
 
 def kept_pairs(source, tokenizer: ChatTokenizer, seq_len: int, shard_index: int = 0,
-               shard_count: int = 1) -> tuple[np.ndarray, PairStats]:
-    """Indices of this shard's pairs that fit (one tokenisation pass), with counts."""
-    indices = np.arange(shard_index, len(source), shard_count, dtype=np.int64)
+               shard_count: int = 1, limit: int = 0) -> tuple[np.ndarray, PairStats]:
+    """Indices of this shard's pairs that fit (one tokenisation pass), with counts; `limit` > 0
+    looks at the first `limit` pairs of the source only."""
+    end = len(source) if limit <= 0 else min(int(limit), len(source))
+    indices = np.arange(shard_index, end, shard_count, dtype=np.int64)
     keep = np.array([pair_rows(tokenizer, source[int(i)], seq_len) is not None for i in indices],
                     bool)
     stats = PairStats(num_pairs=len(indices), num_kept=int(keep.sum()),

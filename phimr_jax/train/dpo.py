@@ -157,7 +157,8 @@ def prepare_reference(model, tokenizer, config: ConfigDict, resumed: bool) -> No
         if not files:
             continue
         source = _open_pairs(config, files)
-        kept, stats = kept_pairs(source, tokenizer, config.data.seq_len)
+        kept, stats = kept_pairs(source, tokenizer, config.data.seq_len,
+                                 limit=config.data.max_pairs if split == "train" else 0)
         log.info("scoring %d %s pairs under the reference policy (%s)", len(kept), split, stats)
         arrays[f"{split}_index"] = kept
         arrays[f"{split}_ref"] = _score_pairs(model, source, tokenizer, kept, config)
@@ -181,7 +182,8 @@ def make_data(config: ConfigDict, tokenizer):
     if config.data.global_batch_size % (2 * count):
         raise ValueError("data.global_batch_size counts rows (2 per pair) and must divide "
                          "evenly over processes")
-    kept, stats = kept_pairs(source, tokenizer, config.data.seq_len, index, count)
+    kept, stats = kept_pairs(source, tokenizer, config.data.seq_len, index, count,
+                             limit=config.data.max_pairs)
     ref = _reference(config, "train")
     dataset = dpo_dataset(source, tokenizer, kept, ref, seq_len=config.data.seq_len,
                           pairs_per_batch=config.data.global_batch_size // 2 // count,

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 
 import jax
+import numpy as np
 from ml_collections import ConfigDict
 
 from phimr_jax.train import checkpointing
@@ -35,14 +37,45 @@ def _evaluate(config: ConfigDict, run_dir: str, dataset: str, label: str) -> dic
     ev.checkpoint, ev.dataset, ev.workdir = run_dir, dataset, run_dir
     ev.mesh, ev.sharding_rules = config.mesh, config.sharding_rules
     out = os.path.join(run_dir, "eval", f"{ev.name}.json")
-    if os.path.exists(out):
-        with open(out) as f:
-            summary = json.load(f)["summary"]
-    else:
-        summary = run_eval(ev)
+    if not os.path.exists(out):
+        run_eval(ev)
+    with open(out) as f:
+        result = json.load(f)
+    summary = result["summary"]
     return {"stage": label, "pass@1": summary["pass@1"], "stderr": summary["stderr"],
             "problems": summary["problems"], "k": summary["samples_per_problem"],
-            "mean_tokens": summary["mean_tokens"]}
+            "mean_tokens": summary["mean_tokens"],
+            "by_difficulty": summary.get("pass@1_by_difficulty") or {},
+            "per_problem": [p["pass@1"] for p in result["problems"]]}
+
+
+def paired_change(before: list, after: list) -> tuple[float, float]:
+    """(mean change of per-problem pass@1, its standard error) between two evaluations of the
+    same problems: the paired SE is far below either table SE, since most of a pass@1's
+    uncertainty is which problems were drawn, and both rows share them."""
+    diff = np.asarray(after, float) - np.asarray(before, float)
+    se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
+    return float(diff.mean()), se
+
+
+def table(rows: list) -> list:
+    """The markdown table: pass@1 ± SE per stage, the paired change from the previous row, and
+    pass@1 per difficulty level when the problems have one."""
+    levels = sorted({k for r in rows for k in r["by_difficulty"]}, key=str)
+    lines = ["| model | held-out pass@1 (%) | ± SE | change vs previous row (± paired SE) | "
+             + "".join(f"level {k} | " for k in levels) + "problems | k | mean tokens |",
+             "|---|---|---|---|" + "---|" * len(levels) + "---|---|---|"]
+    for i, r in enumerate(rows):
+        change = ""
+        if i:
+            d, se = paired_change(rows[i - 1]["per_problem"], r["per_problem"])
+            change = f"{100 * d:+.1f} ± {100 * se:.1f}"
+        per_level = "".join(f"{100 * r['by_difficulty'][k]:.0f} | " if k in r["by_difficulty"]
+                            else " | " for k in levels)
+        lines.append(f"| {r['stage']} | {100 * r['pass@1']:.1f} | {100 * r['stderr']:.1f} | "
+                     f"{change} | {per_level}{r['problems']} | {r['k']} | "
+                     f"{r['mean_tokens']:.0f} |")
+    return lines
 
 
 def _plot(workdir: str, order) -> str:
@@ -106,19 +139,16 @@ def run(config: ConfigDict) -> list:
     for name in config.order:
         rows.append(_evaluate(config, os.path.join(root, name), dataset, f"+ {name}"))
     exported = _export(config, root) if config.export_dir else ""
-    table = ["| model | held-out pass@1 (%) | ± SE | problems | k | mean tokens |",
-             "|---|---|---|---|---|---|"]
-    table += [f"| {r['stage']} | {100 * r['pass@1']:.1f} | {100 * r['stderr']:.1f} | "
-              f"{r['problems']} | {r['k']} | {r['mean_tokens']:.0f} |" for r in rows]
+    lines = table(rows)
     if jax.process_index() == 0:
         with open(os.path.join(root, "recipe.md"), "w") as f:
-            f.write("\n".join(table) + "\n")
+            f.write("\n".join(lines) + "\n")
         with open(os.path.join(root, "recipe.json"), "w") as f:
             json.dump(rows, f, indent=2)
         _plot(root, config.order)
         if "rl" in config.order:
             _plot_rl(root)
-        print("\n".join(table))
+        print("\n".join(lines))
         if exported:
             print(f"final model (HF format, with tokenizer and chat template): {exported}")
     return rows

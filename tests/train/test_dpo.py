@@ -77,6 +77,22 @@ def test_pair_loss_scores_completion_tokens_only():
     assert float(sums["rewards/margin"]) == pytest.approx(0.0, abs=1e-5)
 
 
+def test_kept_pairs_limit_takes_the_first_pairs_of_every_shard():
+    from phimr_jax.data.pairs import kept_pairs
+    from phimr_jax.data.tokenizers import load_tokenizer
+    tok = load_tokenizer("sentencepiece", sp_model())
+    rec = {"problem": "What is 2 + 3?", "chosen": "2 + 3 = 5. The answer is \\boxed{5}.",
+           "rejected": "2 + 3 = 6. The answer is \\boxed{6}."}
+    long = dict(rec, chosen="2 + 3 = 5. " * 40)  # does not fit in 128 tokens
+    source = [rec, long, rec, rec, rec, rec]
+    kept, stats = kept_pairs(source, tok, 128)
+    assert kept.tolist() == [0, 2, 3, 4, 5] and stats.num_too_long == 1
+    kept, stats = kept_pairs(source, tok, 128, limit=4)
+    assert kept.tolist() == [0, 2, 3] and stats.num_pairs == 4
+    assert kept_pairs(source, tok, 128, 1, 2, limit=4)[0].tolist() == [3]
+    assert kept_pairs(source, tok, 128, limit=100)[0].tolist() == [0, 2, 3, 4, 5]
+
+
 @pytest.mark.slow
 def test_dpo_demo_after_a_short_sft(tmp_path):
     """Stage 1 (short) -> DPO demo: the training-pair margin rises from the reference's 0 and

@@ -1,8 +1,6 @@
 """The shared trainer on a synthetic stage: sharded == single-device, accumulation, packing,
 NaN stop, SIGTERM, and bit-exact resume."""
 
-import os
-
 import grain
 import jax
 import jax.numpy as jnp
