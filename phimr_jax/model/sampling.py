@@ -66,9 +66,10 @@ def _pow2(n: int, lo: int = 64) -> int:
     return max(lo, 1 << (max(n, 1) - 1).bit_length())
 
 
-def _filter_logits(logits, temperature, top_p, top_k):
+def _filter_logits(logits, temperature, top_p, top_k, greedy):
     """Sampling logits: divided by temperature, then top-k and top-p applied (traced values;
-    top_k <= 0 and top_p >= 1 disable them). Ties at a cutoff are all kept."""
+    top_k <= 0 and top_p >= 1 disable them). Ties at a cutoff are all kept. `greedy`: the
+    caller takes the argmax instead (see below)."""
     scaled = jnp.where(logits > _NEG, logits / jnp.maximum(temperature, 1e-6), _NEG)
     vocab = scaled.shape[-1]
 
@@ -83,10 +84,9 @@ def _filter_logits(logits, temperature, top_p, top_k):
         cutoff = jnp.min(jnp.where(keep_sorted, sorted_x, jnp.inf), axis=-1, keepdims=True)
         return jnp.where(x >= jnp.maximum(cutoff, kth), x, _NEG)
 
-    # Greedy steps (top_k 1 or temperature <= 0) take the argmax and ignore these logits
-    # (`_pick`), so they skip the full-vocab sort: same tokens and log-probs, and on the
-    # bench model (vocab 2048, CPU) about 7 -> 4.5 ms per greedy step.
-    greedy = (temperature <= 0) | (top_k == 1)
+    # Greedy steps take the argmax and ignore these logits (`_pick`), so they skip the
+    # full-vocab sort: same tokens and log-probs, and on the bench model (vocab 2048, CPU)
+    # about 7 -> 4.5 ms per greedy step.
     needs_sort = ((top_p < 1.0) | (top_k > 0)) & ~greedy
     return jax.lax.cond(needs_sort, filtered, lambda x: x, scaled)
 
@@ -98,7 +98,7 @@ def _pick(logits, key, temperature, top_p, top_k, vocab_limit):
     model_lp = jax.nn.log_softmax(logits, axis=-1)
     greedy = (temperature <= 0) | (top_k == 1)
     allowed = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, _NEG)
-    samp_logits = _filter_logits(allowed, temperature, top_p, top_k)
+    samp_logits = _filter_logits(allowed, temperature, top_p, top_k, greedy)
     sampled = jax.random.categorical(key, samp_logits, axis=-1)
     token = jnp.where(greedy, jnp.argmax(allowed, axis=-1), sampled).astype(jnp.int32)
     samp_lp = jnp.where(greedy, 0.0, jnp.take_along_axis(

@@ -132,13 +132,14 @@ def run(config: ConfigDict) -> dict:
                  "correct": correct[i].tolist(), "pass@1": float(correct[i].mean()),
                  "completions": texts[i * k:(i + 1) * k] if config.save_completions else [],
                  "num_tokens": lengths[i * k:(i + 1) * k]} for i in range(len(questions))]
+    result = {"summary": summary, "problems": problems}
     if jax.process_index() == 0:
         out_dir = os.path.join(config.workdir, "eval")
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
-            json.dump({"summary": summary, "problems": problems}, f, indent=1)
+            json.dump(result, f, indent=1)
         print(format_table([summary]))
-    return summary
+    return result  # what workdir/eval/<name>.json holds, on every process
 
 
 def format_table(summaries: list) -> str:

@@ -37,10 +37,11 @@ def _evaluate(config: ConfigDict, run_dir: str, dataset: str, label: str) -> dic
     ev.checkpoint, ev.dataset, ev.workdir = run_dir, dataset, run_dir
     ev.mesh, ev.sharding_rules = config.mesh, config.sharding_rules
     out = os.path.join(run_dir, "eval", f"{ev.name}.json")
-    if not os.path.exists(out):
-        run_eval(ev)
-    with open(out) as f:
-        result = json.load(f)
+    if os.path.exists(out):
+        with open(out) as f:
+            result = json.load(f)
+    else:  # only process 0 writes the file: every process uses the returned result
+        result = run_eval(ev)
     summary = result["summary"]
     return {"stage": label, "pass@1": summary["pass@1"], "stderr": summary["stderr"],
             "problems": summary["problems"], "k": summary["samples_per_problem"],

@@ -98,3 +98,19 @@ def test_paired_change_and_table():
     assert lines[0].count("level") == 2 and len(lines) == 4
     assert lines[2].startswith("| a | 43.8 | 20.0 |  | 50 | 25 | 4 | 4 | 10 |")
     assert lines[3].startswith(f"| b | 68.8 | 10.0 | +25.0 ± {100 * sd / 2:.1f} | 75 |  | ")
+
+
+def test_evaluate_uses_the_returned_result_where_no_file_is_written(tmp_path, monkeypatch):
+    """Only process 0 writes workdir/eval/<name>.json; every process builds the table row from
+    what the eval harness returns, so a process that wrote nothing still gets its row."""
+    from ml_collections import ConfigDict
+
+    from phimr_jax.train import evaluation
+    result = {"summary": {"pass@1": 0.5, "stderr": 0.25, "problems": 2, "samples_per_problem": 2,
+                          "mean_tokens": 7.0, "pass@1_by_difficulty": {"1": 0.5}},
+              "problems": [{"pass@1": 1.0}, {"pass@1": 0.0}]}
+    monkeypatch.setattr(evaluation, "run", lambda ev: result)  # returns, writes no file
+    config = ConfigDict({"eval": {"name": "heldout"}, "mesh": {}, "sharding_rules": []})
+    row = recipe._evaluate(config, str(tmp_path), "problems.jsonl", "+ sft")
+    assert row["per_problem"] == [1.0, 0.0] and row["pass@1"] == 0.5
+    assert row["by_difficulty"] == {"1": 0.5} and row["k"] == 2
