@@ -58,6 +58,7 @@ def get_config(arg="sampler"):
     c.train_step.attention_impl = "xla"  # xla | blockwise | splash | cudnn.
     c.train_step.attention_block_size = 64  # Blockwise block (64: fastest on this CPU).
     c.train_step.remat_policy = "none"  # none | dots | full.
+    c.train_step.scan_layers = True  # Layers under lax.scan (True) or a Python loop (False).
     c.train_step.dtype = "float32"  # Compute dtype (bfloat16 on accelerators).
     c.train_step.steps = 8  # Timed steps (after one warm-up step); the median is reported.
     c.train_step.matmul_size = 2048  # n of the [n, n] @ [n, n] matmul timed as the ceiling.

@@ -33,6 +33,7 @@ def get_config(arg="demo"):
         # From the demo SFT run (--config.init.checkpoint); pairs = correct solution vs the
         # demo generator's deliberate mistake on the same problem.
         c.model.preset = "demo"
+        c.model.scan_layers = False  # 4 small layers: a Python loop runs faster on CPU than scan.
         c.data.demo = True
         c.data.seq_len = 192
         c.data.global_batch_size = 16  # rows = 8 pairs per step

@@ -12,15 +12,20 @@ def get_config(arg="demo"):
     c.data = data_config()
     if arg == "demo":
         c.model.preset = "demo"  # Only used if init.checkpoint is not given.
+        c.model.scan_layers = False  # 4 small layers: a Python loop runs faster on CPU than scan.
         c.data.demo = True
-        # The harder 80% of the synthetic corpus (levels 2-5). Measured from the same stage-1
-        # model: levels >= 3 at LR 2e-4 dropped held-out level-2 accuracy from 65% to 51% (the
-        # carries it no longer saw); levels >= 2 kept it (66-68%).
-        c.data.min_difficulty = 2
+        # Every level, not the paper's harder subset: the 1.8M-parameter demo model has not yet
+        # fixed its one-digit facts, and SFT without level 1 made it forget them. Measured (paired
+        # change of held-out pass@1 over the stage-1 model, 256 problems x 4, 300 steps):
+        # levels >= 2 at LR 1e-4 / 1.5e-4 / 2e-4: +1.9 / +0.7 / +0.2 points, level 1 falling from
+        # 72% to 70 / 62 / 54%; all levels at 2e-4: +3.1 and, in the recipe, +4.4 +- 1.3 (level 1
+        # kept). The filter (--config.data.min_difficulty) is what the phi4_mini preset's data
+        # curation provides instead.
+        c.data.min_difficulty = -1.0
         c.data.seq_len = 160
         c.data.global_batch_size = 16
-        c.total_steps = 150  # About 0.75 epochs of the ~3200 harder problems.
-        c.optim.learning_rate = 1e-4  # 20x below stage 1's 2e-3 (the model is already trained).
+        c.total_steps = 300  # About 1.2 epochs of the 4000 demo problems.
+        c.optim.learning_rate = 2e-4  # 10x below stage 1's 2e-3 (the model is already trained).
         c.optim.warmup_fraction = 0.1
         c.log_every_steps = 10
         c.checkpoint_every_steps = 50

@@ -69,6 +69,9 @@ class ModelConfig:
     dtype: str = "float32"
     # Rematerialisation of the scanned decoder layer: "none", "full" or "dots" (save matmuls).
     remat_policy: str = "none"
+    # Run the decoder layers with lax.scan (one compiled layer; the default) or a Python loop
+    # (each layer compiled; faster for a few small layers on CPU). Not part of config.json.
+    scan_layers: bool = True
     # Attention kernel (phimr_jax/model/attention.py): "xla" (reference, [T, T] scores),
     # "blockwise" (pure-JAX flash attention, any backend), "splash" (TPU), "cudnn" (GPU,
     # unpacked bf16/f16 rows; otherwise falls back to blockwise). Not part of config.json.
@@ -148,6 +151,8 @@ class ModelConfig:
                                   f"{getattr(self, name)!r}")
         if self.remat_policy not in ("none", "full", "dots"):
             raise ConfigError(f"remat_policy must be none|full|dots, got {self.remat_policy!r}")
+        if not isinstance(self.scan_layers, bool):
+            raise ConfigError(f"scan_layers must be a bool, got {self.scan_layers!r}")
         if self.attention_impl not in ("xla", "blockwise", "splash", "cudnn"):
             raise ConfigError("attention_impl must be xla|blockwise|splash|cudnn, got "
                               f"{self.attention_impl!r}")

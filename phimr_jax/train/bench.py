@@ -214,7 +214,7 @@ def bench_train_step(config: ConfigDict) -> dict:
     b = config.train_step
     cfg = preset(b.model_preset, **dict(b.model_overrides), attention_impl=b.attention_impl,
                  attention_block_size=b.attention_block_size, remat_policy=b.remat_policy,
-                 dtype=b.dtype)
+                 dtype=b.dtype, scan_layers=bool(b.get("scan_layers", True)))
     model = init_model(cfg, seed=0)
     graphdef, params = nnx.split(model)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-4, b1=0.9, b2=0.95))
@@ -257,8 +257,8 @@ def bench_train_step(config: ConfigDict) -> dict:
             "model": b.model_preset, "params": param_count(cfg), "matmul_params": n_matmul,
             "batch": b.batch_size, "seq_len": b.seq_len, "attention_impl": cfg.attention_impl,
             "attention_block_size": cfg.attention_block_size,
-            "remat_policy": cfg.remat_policy, "dtype": cfg.dtype, "chunk_size": b.chunk_size,
-            "step_s": t, "tokens_per_s": tokens / t, "model_tflops_per_step": flops / 1e12,
+            "remat_policy": cfg.remat_policy, "scan_layers": cfg.scan_layers, "dtype": cfg.dtype,
+            "chunk_size": b.chunk_size, "step_s": t, "tokens_per_s": tokens / t, "model_tflops_per_step": flops / 1e12,
             "model_tflop_per_s": flops / t / 1e12, "matmul_ceiling_tflop_per_s": ceiling / 1e12,
             "mfu": flops / t / ceiling, "compile_s": compile_s,
             "peak_memory_mib": peak / 2**20, "estimated_memory_mib": est["total"] / 2**20,

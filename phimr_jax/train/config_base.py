@@ -38,6 +38,9 @@ def train_config(stage: str) -> ConfigDict:
     c.model.param_dtype = "float32"  # Master weights (and optimizer state) dtype.
     c.model.dtype = "float32"  # Compute dtype of the matmuls (bfloat16 for mixed precision).
     c.model.remat_policy = "none"  # Per-layer rematerialisation: none | full | dots.
+    # Decoder layers under lax.scan (True: one compiled layer, for deep models) or a Python loop
+    # (False: faster for the 4-layer demo model on CPU, 0.65 -> 0.55 s per demo step).
+    c.model.scan_layers = True
     # Attention kernel: "" = the model's (xla) | xla | blockwise | splash (TPU) | cudnn (GPU).
     c.model.attention_impl = ""
     c.init = ConfigDict()

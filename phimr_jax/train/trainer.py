@@ -239,7 +239,9 @@ def _model_for_run(config, mngr, mesh, rules):
         kernel = {"attention_impl": config.model.attention_impl} \
             if config.model.get("attention_impl") else {}
         model = with_model_config(model, dtype=config.model.dtype,
-                                  remat_policy=config.model.remat_policy, **kernel)
+                                  remat_policy=config.model.remat_policy,
+                                  scan_layers=bool(config.model.get("scan_layers", True)),
+                                  **kernel)
         return model, tokenizer_dir, source, None
     info = mngr.restore(resume_step, args=ocp.args.Composite(
         run_info=ocp.args.JsonRestore()))["run_info"]

@@ -1,5 +1,5 @@
 """configs/recipe.py end to end, the demo preset as the README runs it: the four stages chained,
-stage 1 learning the task and stages 2-4 not undoing it, the table and plots written, the final
+stage 1 learning the task and stage 4 ending above stage 1, the table and plots written, the final
 model exported for transformers (tokenizer + chat template included), reruns skip. (The smoke
 preset runs in tests/test_notebook.py.)"""
 
@@ -52,7 +52,7 @@ def _check_export_generates_like_our_sampler(hf_dir, run_dir, torch):
 
 @pytest.mark.slow
 def test_demo_recipe_chains_four_stages_exports_and_skips_finished_ones(tmp_path, torch_cpu):
-    """The README's main command as it is (the demo preset, about 12.5 minutes on 2 cores)."""
+    """The README's main command as it is (the demo preset, about 12 minutes on 2 cores)."""
     args = ["--config=configs/recipe.py", f"--config.workdir={tmp_path}"]
     _run(*args, timeout=2400)
     rows = json.load(open(tmp_path / "recipe.json"))
@@ -61,11 +61,10 @@ def test_demo_recipe_chains_four_stages_exports_and_skips_finished_ones(tmp_path
     by_stage = {r["stage"]: r for r in rows}
     start, first, last = (by_stage[k] for k in ("start (before stage 1)", "+ midtrain", "+ rl"))
     assert first["pass@1"] > start["pass@1"] + 0.15  # stage 1 teaches the task
-    # Stages 2-4 must not undo stage 1: after stage 4, held-out accuracy within three paired
-    # standard errors of stage 1 (same problems in both rows). The issue asks for stage 4
-    # *above* stage 1; at demo size it is not (measured: -2.0 points), see the README.
+    # The issue's criterion: held-out accuracy after stage 4 above stage 1 (measured: +4.3 points,
+    # paired SE ~1.3; stage 2 SFT carries it, stages 3 and 4 are within one paired SE).
     change, se = recipe.paired_change(first["per_problem"], last["per_problem"])
-    assert change > -3 * se, (change, se)
+    assert last["pass@1"] > first["pass@1"], (change, se)
     text = (tmp_path / "recipe.md").read_text()
     assert "| + rl |" in text and "change vs previous row" in text
     for png in ("loss_per_stage.png", "rl_reward_temperature.png"):
