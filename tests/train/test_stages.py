@@ -108,6 +108,7 @@ def test_sft_batches_mask_prompt_and_train_end(tmp_path):
     config.workdir = str(tmp_path)
     config.data.demo_train = 200
     config.data.demo_heldout = 8
+    config.data.min_difficulty = 2.0  # the harder-subset filter (the demo preset trains on all)
     tokenizer, _ = resolve_tokenizer(config, "")
     dataset, stats = sft.make_data(config, tokenizer)
     assert stats["num_filtered"] > 0 and stats["num_kept"] > 0  # the harder subset only
@@ -132,7 +133,7 @@ def test_midtrain_then_sft_demo(tmp_path):
     _run("configs/midtrain.py:demo", s1, "--config.total_steps=60",
          "--config.eval_every_steps=60", *evals)
     _run("configs/sft.py:demo", s2, f"--config.init.checkpoint={s1}", "--config.total_steps=30",
-         "--config.eval_every_steps=30", *evals)
+         "--config.eval_every_steps=30", "--config.data.min_difficulty=2", *evals)
     for workdir in (s1, s2):
         rows = read_metrics(workdir)
         trained = [r for r in rows if "loss" in r]
