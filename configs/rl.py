@@ -79,11 +79,12 @@ def get_config(arg="demo"):
         c.data.global_batch_size = 32
         c.rl.max_new_tokens = 112
         c.total_steps = 40
-        # The paper's RL LR is 1/20 of its SFT LR (5e-7 vs 1e-5); so is this one (demo SFT 1e-4).
-        # Measured (paired change of held-out pass@1 over the run's start): 5e-6 +0.0 +- 0.8;
-        # 2e-5 from -2.7 to +1.8 over six runs; 5e-5 -2.4; 1e-4 collapses (on-policy rollout
-        # accuracy 0.71 -> 0.3 in 100 steps, even without the filters). Level 2's multi-step
-        # answers degrade first: see README "Why stages 2-4 add little at demo size".
+        # The paper's RL LR is 1/20 of its SFT LR (5e-7 vs 1e-5). 5e-6 is 1/20 of the SFT LR the
+        # demo used when it was chosen (1e-4), 1/40 of today's (2e-4). Measured (paired change of
+        # held-out pass@1 over the run's start): 5e-6 +0.0 +- 0.8; 2e-5 from -2.7 to +1.8 over six
+        # runs; 5e-5 -2.4; 1e-4 collapses (on-policy rollout accuracy 0.71 -> 0.3 in 100 steps,
+        # even without the filters). Level 2's multi-step answers degrade first: see the README's
+        # demo recipe section, "Stage 4".
         c.optim.learning_rate = 5e-6
         c.log_every_steps = 4
         c.checkpoint_every_steps = 20
