@@ -18,6 +18,9 @@ Layout choices (all exact w.r.t. HF, see tests/model/test_parity.py):
   `original_max_position_embeddings` with a short-regime cache therefore keeps the short factors;
   HF instead drops the cache and re-encodes everything with the long factors — the sampler does
   that re-encode explicitly (`needs_reencode`).
+- Matmuls, RMSNorm and SwiGLU have hand-written backward passes (phimr_jax/model/layers.py):
+  same values, but XLA:CPU no longer picks transposed layouts for their gradients, and in
+  bfloat16 every backward matmul takes bfloat16 inputs with float32 accumulation.
 - Attention: `ModelConfig.attention_impl` picks the reference XLA attention (default), the
   memory-efficient blockwise kernel, splash (TPU) or cuDNN (GPU, unpacked rows only); see
   phimr_jax/model/attention.py. KV-cache decoding uses blockwise for multi-token calls when
@@ -35,6 +38,7 @@ from flax import nnx, struct
 from phimr_jax.model import rope
 from phimr_jax.model.attention import make_attention, xla_attention
 from phimr_jax.model.config import ModelConfig
+from phimr_jax.model.layers import project, rms_norm, swiglu
 from phimr_jax.model.sharding import constrain
 
 # Stacked per-layer parameters: name -> logical axes (after the leading "layers" axis).
@@ -71,13 +75,6 @@ class KVCache:
     @property
     def max_length(self) -> int:
         return self.k.shape[2]
-
-
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """HF Phi3RMSNorm: float32 math, cast back to the input dtype, then times the weight."""
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return weight.astype(x.dtype) * y.astype(x.dtype)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -242,18 +239,18 @@ class Phi3ForCausalLM(nnx.Module):
 
         def block(h, p, kv_fn):
             x = rms_norm(h, p["attn_norm"], eps)
-            q = jnp.einsum("btd,dhk->bthk", x, p["q"].astype(dt))
-            k = jnp.einsum("btd,dhk->bthk", x, p["k"].astype(dt))
-            v = jnp.einsum("btd,dhk->bthk", x, p["v"].astype(dt))
+            q = project("btd,dhk->bthk", x, p["q"].astype(dt))
+            k = project("btd,dhk->bthk", x, p["k"].astype(dt))
+            v = project("btd,dhk->bthk", x, p["v"].astype(dt))
             q = rope.apply_rotary(q, cos, sin)
             k = rope.apply_rotary(k, cos, sin)
             k, v, extra = kv_fn(k, v)
             out = attn(q, k, v)
-            h = h + jnp.einsum("bthk,hkd->btd", out, p["o"].astype(dt))
+            h = h + project("bthk,hkd->btd", out, p["o"].astype(dt))
             x = rms_norm(h, p["mlp_norm"], eps)
-            gate = jnp.einsum("btd,df->btf", x, p["gate"].astype(dt))
-            up = jnp.einsum("btd,df->btf", x, p["up"].astype(dt))
-            h = h + jnp.einsum("btf,fd->btd", up * jax.nn.silu(gate), p["down"].astype(dt))
+            gate = project("btd,df->btf", x, p["gate"].astype(dt))
+            up = project("btd,df->btf", x, p["up"].astype(dt))
+            h = h + project("btf,fd->btd", swiglu(gate, up), p["down"].astype(dt))
             return constrain(h, ("batch", "length", "act_embed")), extra
 
         params = self._layer_params()
