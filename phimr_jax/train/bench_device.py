@@ -4,8 +4,9 @@ Sections, in order, each timed and guarded (an exception is recorded as the sect
 and the next section still runs; a section that would start after `time_budget_s` is skipped):
 
 - correctness: a small random Phi3 with unit-scale weights and logits of std ~1 (so a wrong
-  mapping cannot hide under the tolerance, and 1e-4 means the same at every width). Our logits against transformers' torch forward on CPU, in
-  float32 (highest matmul precision: on GPUs the default lets XLA use TF32) and in bfloat16,
+  mapping cannot hide under the tolerance, and 1e-4 means the same at every width). Our
+  logits against transformers' torch forward on CPU, in float32 (highest matmul precision: on
+  GPUs the default lets XLA use TF32; absolute error) and in bfloat16 (RMS relative error),
   once per attention implementation; greedy `generate` tokens against HF `generate` (crossing
   the LongRoPE switch point); blockwise and cuDNN attention against the XLA reference in value
   and gradient (dq, dk, dv), with and without segment ids. Where an implementation cannot run
@@ -15,7 +16,8 @@ and the next section still runs; a section that would start after `time_budget_s
   and HBM bandwidth: a streamed read (sum) and a read + write (scale) of one large array.
 - train_step: `bench.bench_train_step` (value_and_grad of the chunked loss, clipping, AdamW,
   donated state) at Phi-4-mini shape: tokens/s, model TFLOP/s, MFU against its own matmul
-  ceiling, XLA's memory next to `memory.estimate`.
+  ceiling, XLA's memory next to `memory.estimate`. If cuDNN fails, the error is kept and the
+  step is rerun with `train_step_fallback_impl`; `train_step_layers` trades depth for time.
 - decode: one jitted loop of `steps` single-token `model.decode` steps + argmax per batch size,
   from a cache with `context` filled slots, bf16 weights created on the device. The floor is
   (parameter bytes + KV-cache bytes) / the measured bandwidth; the KV bytes are the whole
@@ -26,7 +28,9 @@ and the next section still runs; a section that would start after `time_budget_s
   it, and only if this step raised it) against `memory.estimate`.
 
 Output: a table on stdout and `workdir/bench_device.json` (`checks`: every pass/fail, kind
-"correctness" or "target"; `sections`: every figure).
+"correctness" or "target"; `sections`: every figure), rewritten after every section so that a
+run killed at its time limit still leaves what it measured. Figures of a section that fails
+part-way are kept next to its error.
 """
 
 from __future__ import annotations
@@ -116,9 +120,7 @@ def _unit_scale_hf(cfg, path: str, seed: int = 0):
             noise = torch.randn(p.shape, generator=gen)
             if name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.2 * noise)
-            elif name.endswith("embed_tokens.weight"):
-                p.copy_(noise / np.sqrt(p.shape[1]))
-            else:
+            else:  # Linear [out, in]: 1/sqrt(in); the embedding [vocab, hidden]: 1/sqrt(hidden)
                 p.copy_(noise / np.sqrt(p.shape[1]))
     hf.save_pretrained(path)
     return hf
