@@ -22,6 +22,7 @@ STAGES = {
     "sft": "phimr_jax.train.sft:run",
     "generate": "phimr_jax.train.generation:run",
     "bench": "phimr_jax.train.bench:run",
+    "bench_device": "phimr_jax.train.bench_device:run",
     "eval": "phimr_jax.train.evaluation:run",
     "curate": "phimr_jax.train.curate:run",
     "dpo": "phimr_jax.train.dpo:run",
