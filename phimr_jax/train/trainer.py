@@ -238,6 +238,8 @@ def _model_for_run(config, mngr, mesh, rules):
         model, tokenizer_dir, source = _init_model(config, mesh, rules)
         kernel = {"attention_impl": config.model.attention_impl} \
             if config.model.get("attention_impl") else {}
+        if config.model.get("attention_block_size"):
+            kernel["attention_block_size"] = config.model.attention_block_size
         model = with_model_config(model, dtype=config.model.dtype,
                                   remat_policy=config.model.remat_policy,
                                   scan_layers=bool(config.model.get("scan_layers", True)),
