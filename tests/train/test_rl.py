@@ -210,7 +210,7 @@ def _rl_cmd(workdir, prompts, *extra):
             "--config.rl.truncated_is_wrong=false",
             "--config.log_every_steps=1", "--config.eval_at_start=false",
             "--config.eval_every_steps=0", "--config.rl.reward_workers=1",
-            "--config.tensorboard=false", *extra]
+            "--config.rl.allow_random_init=true", *extra]
 
 
 def _run_rl(workdir, prompts, *extra):
