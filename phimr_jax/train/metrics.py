@@ -11,6 +11,8 @@ import json
 import logging
 import os
 import time
+import uuid
+
 import jax
 import numpy as np
 from clu import metrics as clu_metrics
@@ -154,7 +156,7 @@ class _WandB:
             with open(id_path) as f:
                 run_id = f.read().strip()
         else:
-            run_id = wandb.util.generate_id()
+            run_id = uuid.uuid4().hex[:12]  # W&B ids: letters and digits, unique per project
             with open(id_path, "w") as f:
                 f.write(run_id + "\n")
         name = settings.get("name") or "/".join(os.path.abspath(workdir).split(os.sep)[-2:])
