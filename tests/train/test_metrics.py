@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from phimr_jax.train import trainer
-from phimr_jax.train.metrics import TENSORBOARD_DIR, MetricWriter, console_fields, read_metrics
+from phimr_jax.train import metrics
+from phimr_jax.train.metrics import (TENSORBOARD_DIR, Countdown, MetricWriter, console_fields,
+                                      read_metrics)
 from tests.train.test_trainer import _batches, _config, _stage
 
 
@@ -133,6 +135,16 @@ def test_console_fields_show_what_users_watch():
     rl = console_fields({"rollout/reward_mean": -0.25, "rollout/accuracy": 0.375,
                          "rollout/temperature": 0.8, "rollout/responses_kept": 48.0})
     assert rl == "reward -0.250  accuracy 0.375  temperature 0.800  kept 48  "
+
+
+def test_countdown_shows_done_of_total_and_an_eta(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(metrics.time, "time", lambda: now[0])
+    progress = Countdown("sampled prompts", 500)
+    now[0] += 30.0
+    assert progress.update(100) == "sampled prompts: 100 / 500 (0:00:30 elapsed, ETA 0:02:00)"
+    now[0] += 90.0
+    assert progress.update(500) == "sampled prompts: 500 / 500 (0:02:00 elapsed, ETA 0:00:00)"
 
 
 # ---------------------------------------------------------------------------- W&B
