@@ -12,7 +12,7 @@ import os
 
 from ml_collections import ConfigDict
 
-from phimr_jax.train.config_base import base_config
+from phimr_jax.train.config_base import base_config, wandb_config
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 ORDER = ("midtrain", "sft", "dpo", "rl")
@@ -44,6 +44,8 @@ def get_config(arg="demo"):
     c.eval.num_samples = 4 if preset == "demo" else 8  # k samples per problem for pass@1.
     c.eval.limit = 0  # Evaluate the first N held-out problems after each stage (0 = all).
     c.export_dir = "hf_model"  # The last stage exported here for transformers ("" = skip).
+    # W&B for every stage (one run per stage, grouped by the recipe's directory name).
+    c.wandb = wandb_config()
     return c
 
 

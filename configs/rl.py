@@ -22,6 +22,9 @@ def get_config(arg="demo"):
     c.data.num_epochs = 1  # Unused: RL runs for total_steps optimizer steps.
     c.rl = ConfigDict()
     c.rl.algorithm = "grpo"  # grpo | ppo (learned critic initialised from the policy, GAE).
+    # RL starts from a trained policy: init.checkpoint, init.hf_dir, or else the "dpo" run beside
+    # the workdir (runs/<preset>/dpo). True: with none of them, RL a random init (tests, checks).
+    c.rl.allow_random_init = False
     c.rl.prompts_per_rollout = 16  # Prompts drawn per rollout batch.
     # G, samples per prompt. Not published; 8 is the TRL default and the smallest group whose
     # accuracy can pass the 50% filter with a few correct answers.

@@ -6,6 +6,8 @@ Parses flags, starts jax.distributed when asked, and dispatches on `config.stage
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import inspect
 import logging
 import os
 import sys
@@ -43,6 +45,12 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
 _PROCESS_ID = flags.DEFINE_integer("process_id", None,
                                    "This process's index (env PHIMR_PROCESS_ID).")
 
+# Stages whose workdir is the run they write: with no --config.workdir they get
+# runs/<preset>/<stage> (config_base.default_workdir). export reads its workdir; generate and
+# bench only write there when one is given.
+DEFAULT_WORKDIR_STAGES = ("convert", "init", "midtrain", "sft", "eval", "curate", "dpo", "rl",
+                          "recipe")
+
 # Errors that come from the user's input: printed as one line, exit code 2, no traceback.
 _USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
 
@@ -63,6 +71,7 @@ def main(argv) -> int:
     try:
         if _DISTRIBUTED.value:
             _init_distributed()
+        _default_workdir(config, config_flags.get_config_filename(flags.FLAGS["config"]))
         getattr(importlib.import_module(module), func)(config)
     except _USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
@@ -73,6 +82,31 @@ def main(argv) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     return 0
+
+
+def _default_workdir(config, config_arg: str) -> None:
+    """Give a run directory to a stage config that has none (relative to the current
+    directory), and say which: the startup log names every stage's run directory."""
+    from phimr_jax.train.config_base import default_workdir
+    note = ""
+    if not config.get("workdir") and config.stage in DEFAULT_WORKDIR_STAGES:
+        config.workdir = default_workdir(config.stage, _preset(config_arg))
+        note = " (the default; --config.workdir=DIR for another)"
+    if config.get("workdir"):
+        logging.getLogger(__name__).info("%s: run directory %s%s", config.stage,
+                                         os.path.abspath(config.workdir), note)
+
+
+def _preset(config_arg: str):
+    """The preset of "configs/x.py:preset"; without one, get_config's default argument."""
+    path, _, preset = config_arg.partition(":")
+    if preset:
+        return preset
+    spec = importlib.util.spec_from_file_location("_phimr_preset_probe", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    default = next(iter(inspect.signature(module.get_config).parameters.values())).default
+    return None if default is inspect.Parameter.empty else default
 
 
 def _setting(flag, env: str, cast=str):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from ml_collections import ConfigDict
 
 from phimr_jax.model.sharding import DEFAULT_RULES, make_mesh
@@ -10,7 +12,9 @@ from phimr_jax.model.sharding import DEFAULT_RULES, make_mesh
 def base_config(stage: str) -> ConfigDict:
     c = ConfigDict()
     c.stage = stage  # Which runner main.py dispatches to (see phimr_jax/main.py STAGES).
-    c.workdir = ""  # Run directory: checkpoints/, metrics, tokenizer/ live here.
+    # Run directory: checkpoints/, metrics, tokenizer/ live here. "" = runs/<preset>/<stage>
+    # under the current directory (main.py: `default_workdir`), named in the startup log.
+    c.workdir = ""
     c.seed = 0  # Seed of parameter init, data order and sampling.
     # Device mesh sizes per axis; one may be -1 for "all remaining devices".
     c.mesh = ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
@@ -31,7 +35,8 @@ def train_config(stage: str) -> ConfigDict:
     c.async_checkpoint = True  # Write checkpoints in the background while training goes on.
     c.eval_every_steps = 0  # Run the stage's evaluation every N steps (0 = only at the end).
     c.eval_at_start = False  # Also evaluate the initial model (logged at step 0) on a fresh run.
-    c.tensorboard = True  # Also write TensorBoard summaries when TensorFlow is installed.
+    c.tensorboard = True  # Also write every logged scalar to workdir/tensorboard/ (no TF needed).
+    c.wandb = wandb_config()
     c.model = ConfigDict()
     c.model.preset = "demo"  # Architecture for a fresh init (demo | phi4_mini | tiny).
     c.model.overrides = ConfigDict()  # Extra ModelConfig fields for a fresh init.
@@ -63,6 +68,27 @@ def train_config(stage: str) -> ConfigDict:
     c.loss = ConfigDict()
     c.loss.chunk_size = 1024  # Sequence chunk for the LM head: no [seq, vocab] f32 logits.
     return c
+
+
+def wandb_config() -> ConfigDict:
+    """Weights & Biases: the scalars of metrics.jsonl and the run's config, logged to one W&B run
+    per run directory (resumed runs continue it). Needs `pip install -e '.[wandb]'`."""
+    w = ConfigDict()
+    w.project = ""  # W&B project; "" = off (wandb is then not imported).
+    w.entity = ""  # W&B entity (team or user); "" = your default.
+    w.name = ""  # Run name; "" = the run directory's last two parts (e.g. demo/midtrain).
+    w.group = ""  # Run group (e.g. one recipe's stages); "" = none.
+    w.mode = ""  # online | offline | disabled; "" = W&B's default (or the WANDB_MODE variable).
+    return w
+
+
+def default_workdir(stage: str, preset) -> str:
+    """The run directory of a config given no --config.workdir: runs/<preset>/<stage>
+    (runs/<stage> for configs without presets). The recipe's is runs/<preset>: its stages run in
+    runs/<preset>/<stage>, where the stage configs' own defaults point too."""
+    if stage == "recipe":
+        return os.path.join("runs", preset or "demo")
+    return os.path.join("runs", preset, stage) if preset else os.path.join("runs", stage)
 
 
 def data_config() -> ConfigDict:

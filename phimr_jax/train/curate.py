@@ -524,6 +524,7 @@ def _teacher_rollouts(config: ConfigDict) -> tuple[str, dict]:
 
     from phimr_jax.model.sharding import axis_rules
     from phimr_jax.train.inference import load_model_and_tokenizer, sample_questions
+    from phimr_jax.train.metrics import Countdown
 
     if jax.process_count() > 1:
         raise ValueError("teacher sampling in the curate stage runs on one host")
@@ -543,6 +544,9 @@ def _teacher_rollouts(config: ConfigDict) -> tuple[str, dict]:
         sampling.update(mesh=config.mesh, sharding_rules=config.sharding_rules, seed=config.seed)
         model, tokenizer, mesh, rules = load_model_and_tokenizer(sampling)
         k = sampling.num_samples
+        progress = Countdown("teacher: sampled problems",
+                             sum(min(size, len(src) - start) for start in todo))
+        done = 0
         for start in todo:
             recs = [src[i] for i in range(start, min(start + size, len(src)))]
             with jax.set_mesh(mesh), axis_rules(rules):
@@ -556,7 +560,8 @@ def _teacher_rollouts(config: ConfigDict) -> tuple[str, dict]:
             _write_atomic(os.path.join(out_dir, f"{start // size:05d}.jsonl"),
                           lambda fh: fh.writelines(json.dumps(r, ensure_ascii=False) + "\n"
                                                    for r in records))
-            log.info("teacher: sampled %d / %d problems", min(start + size, len(src)), len(src))
+            done += len(recs)
+            progress.update(done)
     return (os.path.join(out_dir, "*.jsonl"),
             {"problems_file": config.problems, "problems_malformed": src.num_malformed})
 

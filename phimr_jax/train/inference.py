@@ -14,6 +14,7 @@ from phimr_jax.model.hf_io import load_hf
 from phimr_jax.model.sampling import GenerateResult, generate
 from phimr_jax.train import checkpointing
 from phimr_jax.train.config_base import mesh_and_rules
+from phimr_jax.train.metrics import Countdown
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ def sample_questions(model, tokenizer, questions: Sequence[str], config: ConfigD
     system = config.system or None
     prompts = [tokenizer.prompt_ids(q, system, config.reasoning) for q in questions]
     results: list[GenerateResult] = []
+    progress = Countdown("sampled prompts", len(prompts))
     for start in range(0, len(prompts), config.batch_size):
         batch = prompts[start:start + config.batch_size]
         results.append(generate(
@@ -74,6 +76,5 @@ def sample_questions(model, tokenizer, questions: Sequence[str], config: ConfigD
             seed=(config.seed if seed is None else seed) + start, stop_tokens=tokenizer.stop_ids,
             rope_mode=config.rope_mode, pad_id=tokenizer.pad_id,
             vocab_limit=tokenizer.vocab_size))
-        log.info("sampled %d / %d prompts", min(start + config.batch_size, len(prompts)),
-                 len(prompts))
+        progress.update(min(start + config.batch_size, len(prompts)))
     return results

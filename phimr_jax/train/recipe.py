@@ -112,13 +112,18 @@ def run(config: ConfigDict) -> list:
     if not config.workdir:
         raise ValueError("missing required option --config.workdir=...")
     root = os.path.abspath(config.workdir)
-    previous = ""
     for name in config.order:
         if name not in RUNNERS:
             raise ValueError(f"unknown stage {name!r} in order; known: {sorted(RUNNERS)}")
+    first = config.stages[config.order[0]]
+    dataset = config.eval.dataset or os.path.join(root, config.order[0], "demo_data",
+                                                  "heldout.jsonl")
+    previous, rows = "", []
+    for name in config.order:
         stage = config.stages[name]
         stage.workdir = os.path.join(root, name)
         stage.mesh, stage.sharding_rules = config.mesh, config.sharding_rules
+        _share_wandb(config, stage, root)
         if previous:
             stage.init.checkpoint = previous
         done = os.path.join(stage.workdir, "DONE")
@@ -130,15 +135,13 @@ def run(config: ConfigDict) -> list:
             if jax.process_index() == 0:
                 open(done, "w").close()
         previous = stage.workdir
-    first = config.stages[config.order[0]]
-    dataset = config.eval.dataset or os.path.join(root, config.order[0], "demo_data",
-                                                  "heldout.jsonl")
-    rows = []
-    start = _start_run(config, root, first)
-    if start:
-        rows.append(_evaluate(config, start, dataset, "start (before stage 1)"))
-    for name in config.order:
-        rows.append(_evaluate(config, os.path.join(root, name), dataset, f"+ {name}"))
+        if not rows:  # the start model's row, once stage 1 has made the tokenizer it needs
+            start = _start_run(config, root, first)
+            if start:
+                rows.append(_evaluate(config, start, dataset, "start (before stage 1)"))
+                _log_row(rows)
+        rows.append(_evaluate(config, stage.workdir, dataset, f"+ {name}"))
+        _log_row(rows)
     exported = _export(config, root) if config.export_dir else ""
     lines = table(rows)
     if jax.process_index() == 0:
@@ -153,6 +156,27 @@ def run(config: ConfigDict) -> list:
         if exported:
             print(f"final model (HF format, with tokenizer and chat template): {exported}")
     return rows
+
+
+def _log_row(rows: list) -> None:
+    """The newest row of the table as one line, as soon as its evaluation is done."""
+    r = rows[-1]
+    change = ""
+    if len(rows) > 1:
+        d, se = paired_change(rows[-2]["per_problem"], r["per_problem"])
+        change = f", {100 * d:+.1f} ± {100 * se:.1f} vs {rows[-2]['stage']}"
+    log.info("recipe: %s: held-out pass@1 %.1f%% ± %.1f (%d problems x %d)%s", r["stage"],
+             100 * r["pass@1"], 100 * r["stderr"], r["problems"], r["k"], change)
+
+
+def _share_wandb(config: ConfigDict, stage: ConfigDict, root: str) -> None:
+    """--config.wandb.* of the recipe applies to every stage: one W&B run per stage, grouped
+    under the recipe's directory name unless a group is given."""
+    if not (config.get("wandb") and config.wandb.project) or "wandb" not in stage:
+        return
+    for key, value in config.wandb.items():
+        stage.wandb[key] = value
+    stage.wandb.group = config.wandb.group or os.path.basename(root)
 
 
 def _start_run(config: ConfigDict, root: str, first: ConfigDict) -> str:

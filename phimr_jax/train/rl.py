@@ -37,7 +37,7 @@ from ml_collections import ConfigDict
 
 from phimr_jax.data.pipelines import difficulty_value
 from phimr_jax.data.sources import open_records
-from phimr_jax.train import distill, losses
+from phimr_jax.train import checkpointing, distill, losses
 from phimr_jax.train import rl_objectives as obj
 from phimr_jax.train.config_base import mesh_and_rules
 from phimr_jax.train.rewards import RewardPool
@@ -206,7 +206,34 @@ def plot_curves(workdir: str) -> str:
     return plot_panels(os.path.join(os.path.abspath(workdir), CURVES_FILE), panels, cols=4)
 
 
+def resolve_init(config: ConfigDict) -> None:
+    """RL starts from a trained policy. Given neither init.checkpoint nor init.hf_dir (and no
+    checkpoint of its own to resume), it takes the DPO run beside its run directory
+    (runs/<preset>/dpo for runs/<preset>/rl: the recipe's layout and the stages' defaults) when
+    that has a checkpoint; else it stops, naming the command that makes one, unless
+    rl.allow_random_init asks for RL on a fresh random model."""
+    if (config.init.checkpoint or config.init.hf_dir or not config.workdir
+            or checkpointing.latest_step(config.workdir) is not None):
+        return
+    dpo = os.path.join(os.path.dirname(os.path.abspath(config.workdir)), "dpo")
+    if checkpointing.latest_step(dpo) is not None:
+        config.init.checkpoint = dpo
+        log.info("rl: no init.checkpoint given; starting from the DPO run beside this one: %s", dpo)
+        return
+    if config.rl.get("allow_random_init"):
+        log.warning("rl: RL on a randomly initialised %r model (rl.allow_random_init)",
+                    config.model.preset)
+        return
+    shown = os.path.relpath(dpo) if not os.path.relpath(dpo).startswith("..") else dpo
+    make = ("`python -m phimr_jax.main --config=configs/recipe.py` trains it (stages 1-3, then "
+            "this RL run)" if config.data.get("demo") else "stage 3 (configs/dpo.py) makes it")
+    raise ValueError(f"RL starts from a trained policy and {shown} has no checkpoint: {make}; or "
+                     "pass --config.init.checkpoint=RUN_DIR (or --config.init.hf_dir=DIR), or "
+                     "--config.rl.allow_random_init=true for RL on a random init")
+
+
 def run(config: ConfigDict) -> dict:
+    resolve_init(config)
     with RewardPool(num_workers=config.rl.reward_workers or None,
                     timeout_s=float(config.rl.reward_timeout_s)) as pool:
         result = train(config, make_stage(config, pool))

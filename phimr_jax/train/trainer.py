@@ -15,7 +15,8 @@ optional evaluation. The trainer owns everything else:
   seed), the grain iterator (one file per process) and run_info; on start the latest checkpoint
   is restored, so a killed run continues bit-exactly; SIGTERM saves and exits cleanly; a
   non-finite loss stops the run before anything non-finite is saved;
-- metrics averaged over each log window with clu, written to `metrics.jsonl` (+TensorBoard).
+- metrics averaged over each log window with clu; each logged step goes through one
+  `MetricWriter` to `metrics.jsonl`, TensorBoard and (optional) W&B, and one console line.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from phimr_jax.model.hf_io import load_hf
 from phimr_jax.model.phi3 import Phi3ForCausalLM, abstract_model, init_model
 from phimr_jax.train import checkpointing
 from phimr_jax.train.config_base import mesh_and_rules
-from phimr_jax.train.metrics import MetricWriter, Progress, WindowAverage
+from phimr_jax.train.metrics import MetricWriter, Progress, WindowAverage, log_evaluation
 from phimr_jax.train.optim import make_optimizer, schedule
 
 log = logging.getLogger(__name__)
@@ -274,7 +275,8 @@ def _train(config, stage, workdir, mesh, rules) -> dict:
     data_iter = iter(dataset)
     info = {"model": model.config.to_dict(), "stage": stage.name, "tokenizer_dir": tokenizer_dir,
             "init": source, "data_stats": stats, "param_layout": stage.param_layout}
-    writer = MetricWriter(workdir, tensorboard=config.tensorboard)
+    writer = MetricWriter(workdir, tensorboard=config.tensorboard, wandb=config.get("wandb"),
+                          run_config=config.to_dict())
 
     if resume_step is not None:
         restored = mngr.restore(resume_step, args=ocp.args.Composite(
@@ -290,11 +292,13 @@ def _train(config, stage, workdir, mesh, rules) -> dict:
         params = nnx.to_pure_dict(params_state)
         opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
         start_step = 0
-        log.info("%s: initialised from %s; %d steps", stage.name, source, total_steps)
+        log.info("%s: initialised from %s; %d steps in %s", stage.name, source, total_steps,
+                 workdir)
         start_values = {f"data/{k}": v for k, v in stats.items() if isinstance(v, (int, float))}
         if config.get("eval_at_start") and stage.evaluate:
             start_values.update(stage.evaluate(policy_of(nnx.merge(graphdef, params)),
                                                tokenizer, config))
+            log_evaluation(0, start_values)
         writer.write(0, start_values)
 
     accum = int(config.optim.grad_accum_steps)
@@ -359,7 +363,7 @@ class _Loop:
         if self.stats.get("rows_per_epoch"):
             values["epoch"] = step * self.config.data.global_batch_size / \
                 self.stats["rows_per_epoch"]
-        values.update(progress.report(step))
+        values.update(progress.report(step, values))
         return values
 
     def run(self, step_fn, params, opt_state, step, mesh, rules) -> dict:
@@ -405,6 +409,7 @@ class _Loop:
                     if eval_now:
                         model = self.policy_of(nnx.merge(self.graphdef, params))
                         values.update(self.stage.evaluate(model, self.tokenizer, config))
+                        log_evaluation(step, values)
                     self.writer.write(step, values)
                     last = values
                 if checkpoint_now:
@@ -417,6 +422,7 @@ class _Loop:
         finally:
             self.mngr.wait_until_finished()
             self.mngr.close()
+            self.writer.close()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
         return {"step": step, **last}

@@ -24,6 +24,7 @@ from phimr_jax.train.metrics import read_metrics
 from phimr_jax.train.rl_rollouts import RolloutIterator, make_score_fn
 from tests.data import demo_paths, sp_model, write_jsonl
 from tests.test_configs import load
+from tests.train.test_metrics import assert_tensorboard_matches_metrics
 from tests.train.test_stages import ROOT, _env, sigkill_after_checkpoint
 
 
@@ -198,6 +199,22 @@ def _prompt_file(tmp_path):
     return write_jsonl(str(tmp_path / "prompts.jsonl"), rows)
 
 
+def test_rl_without_init_starts_from_the_dpo_run_beside_it(tmp_path):
+    c = load("rl", "demo")
+    c.workdir = str(tmp_path / "runs" / "demo" / "rl")
+    with pytest.raises(ValueError, match="runs/demo/dpo has no checkpoint: `python -m phimr_jax"):
+        rl.resolve_init(c)
+    c.rl.allow_random_init = True  # asked for explicitly: RL on the random init
+    rl.resolve_init(c)
+    assert c.init.checkpoint == ""
+    dpo = str(tmp_path / "runs" / "demo" / "dpo")
+    model = init_model(preset("tiny"), seed=0)
+    checkpointing.save_model(dpo, model, step=3,
+                             info=checkpointing.run_info(model, stage="dpo", tokenizer_dir=""))
+    rl.resolve_init(c)
+    assert c.init.checkpoint == dpo
+
+
 def _rl_cmd(workdir, prompts, *extra):
     return [sys.executable, "-m", "phimr_jax.main", "--config=configs/rl.py:demo",
             f"--config.workdir={workdir}", f"--config.data.train_files={prompts}",
@@ -210,7 +227,7 @@ def _rl_cmd(workdir, prompts, *extra):
             "--config.rl.truncated_is_wrong=false",
             "--config.log_every_steps=1", "--config.eval_at_start=false",
             "--config.eval_every_steps=0", "--config.rl.reward_workers=1",
-            "--config.tensorboard=false", *extra]
+            "--config.rl.allow_random_init=true", *extra]
 
 
 def _run_rl(workdir, prompts, *extra):
@@ -244,6 +261,9 @@ def test_rl_kill_and_resume_continues_the_same_run(tmp_path):
     np.testing.assert_allclose(temps, [st.annealed_temperature(4 * (s // 4), 8)
                                        for s in range(8)], atol=1e-6)
     assert any(r["rollout/reward_mean"] > -1 for r in a)  # mixed rewards: a real signal
+    # TensorBoard shows the RL curves, without the steps the killed run logged past its checkpoint.
+    for workdir in (straight, killed):
+        assert "rollout/temperature" in assert_tensorboard_matches_metrics(workdir)
     assert os.path.exists(os.path.join(straight, rl.CURVES_FILE))
 
 
