@@ -3,6 +3,7 @@
   python -m phimr_jax.main --config=configs/bench.py:sampler     # generate vs HF generate
   python -m phimr_jax.main --config=configs/bench.py:forward     # jitted forward vs HF forward
   python -m phimr_jax.main --config=configs/bench.py:train_step  # tokens/s, TFLOP/s, MFU, memory
+  python -m phimr_jax.main --config=configs/bench.py:train_step_demo  # the demo recipe's step
   python -m phimr_jax.main --config=configs/bench.py:all         # the three, one JSON each
   python -m phimr_jax.main --config=configs/bench.py:device      # the GPU check (BENCHMARKS.md)
   python -m phimr_jax.main --config=configs/bench.py:device_smoke  # the same at toy sizes, CPU
@@ -12,7 +13,8 @@ from ml_collections import ConfigDict
 
 from phimr_jax.train.config_base import base_config
 
-BENCHES = ("sampler", "forward", "train_step", "all", "device", "device_smoke")
+BENCHES = ("sampler", "forward", "train_step", "train_step_demo", "all", "device",
+           "device_smoke")
 
 # 4 layers, hidden 256, GQA 8/4: the "4-layer model at batch 8" of the perf targets, small
 # enough for this CPU machine. Every bench uses it unless told otherwise.
@@ -30,7 +32,8 @@ def get_config(arg="sampler"):
     if arg not in BENCHES:
         raise ValueError(f"unknown preset {arg!r}: {' | '.join(BENCHES)}")
     c = base_config("bench")
-    c.bench = arg  # Which benchmark: sampler | forward | train_step | all.
+    # Which benchmark: sampler | forward | train_step | all (train_step_demo runs train_step).
+    c.bench = "train_step" if arg == "train_step_demo" else arg
     c.sampler = ConfigDict()
     c.sampler.model_preset = "tiny"  # Small Phi3 architecture, on this CPU machine.
     c.sampler.model_overrides = ConfigDict(SMALL_PHI)
@@ -64,6 +67,19 @@ def get_config(arg="sampler"):
     c.train_step.dtype = "float32"  # Compute dtype (bfloat16 on accelerators).
     c.train_step.steps = 8  # Timed steps (after one warm-up step); the median is reported.
     c.train_step.matmul_size = 2048  # n of the [n, n] @ [n, n] matmul timed as the ceiling.
+    if arg == "train_step_demo":
+        # The demo recipe's stage-1 step: demo model, 16 packed rows of 256 tokens, a Python
+        # loop over its 4 layers, bfloat16 compute over float32 master weights, blockwise
+        # attention in 64-token blocks (configs/midtrain.py:demo). The issue-18 "before" figure
+        # is the same command with --config.train_step.dtype=float32 and attention_impl=xla.
+        c.train_step.model_preset = "demo"
+        c.train_step.model_overrides = ConfigDict()
+        c.train_step.batch_size = 16
+        c.train_step.seq_len = 256
+        c.train_step.chunk_size = 1024
+        c.train_step.scan_layers = False
+        c.train_step.dtype = "bfloat16"
+        c.train_step.attention_impl = "blockwise"
     if arg in ("device", "device_smoke"):
         c.stage = "bench_device"  # phimr_jax/train/bench_device.py (see main.py STAGES).
         c.device = device_config(c.train_step, smoke=arg == "device_smoke")

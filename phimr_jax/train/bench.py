@@ -20,6 +20,10 @@ dtype), compile time, and memory: XLA's buffer assignment (argument + output + t
 6 x (matmul parameters, the tied LM head included) x tokens + causal attention,
 3 (fwd + bwd) x 2 matmuls x 2 x batch x heads x head_dim x T(T+1)/2 x layers: recomputation
 (remat, the rematerialised loss chunks) and masked-out blocks are not counted.
+It also times the forward + backward pass alone (`fwd_bwd_s`) against `summed_matmul_s`, the
+sum of every matmul of that pass timed alone with the same shapes and dtype (`matmul_shapes`):
+their ratio is what the non-matmul work (norms, softmax, masks, layout copies) costs on top.
+`train_step_demo` runs it on the demo recipe's stage-1 step.
 
 `all`: the three in turn, one JSON each plus bench_all.json.
 """
@@ -206,6 +210,39 @@ def model_flops_per_token_pair(cfg) -> tuple[int, int]:
     return n_matmul, 12 * cfg.num_heads * cfg.resolved_head_dim
 
 
+def matmul_shapes(cfg, batch: int, seq: int) -> list[tuple]:
+    """Every matmul of one forward + backward pass of the model, as (batch dims, m, k, n):
+    each projection's forward and its two gradient matmuls, the LM head's three, and the
+    attention's score and value matmuls (2 forward, 4 backward) per layer, unmasked."""
+    tokens = batch * seq
+    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.resolved_head_dim
+    h, kv = cfg.num_heads, cfg.num_kv_heads
+    projections = [(d, h * hd), (d, kv * hd), (d, kv * hd), (h * hd, d), (d, f), (d, f), (f, d)]
+    shapes = []
+    for k, n in projections * cfg.num_layers + [(d, cfg.vocab_size)]:
+        shapes += [((), tokens, k, n), ((), tokens, n, k), ((), k, tokens, n)]
+    rows = (batch * kv, h // kv * seq)  # GQA: the query heads of one KV head share its keys
+    shapes += [(rows[:1], rows[1], hd, seq), (rows[:1], rows[1], seq, hd)] * 3 * cfg.num_layers
+    return shapes
+
+
+def summed_matmul_s(cfg, batch: int, seq: int, dtype: str, repeats: int = 5) -> float:
+    """Seconds of the matmuls of one forward + backward pass, each timed alone (jitted, best of
+    `repeats`) in the compute dtype with float32 accumulation, as the model runs them."""
+    dt = jnp.dtype(dtype)
+    timed, total = {}, 0.0
+    for bdims, m, k, n in matmul_shapes(cfg, batch, seq):
+        key = (bdims, m, k, n)
+        if key not in timed:
+            a = jnp.ones(bdims + (m, k), dt)
+            b = jnp.ones(bdims + (k, n), dt)
+            mm = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
+            jax.block_until_ready(mm(a, b))
+            timed[key] = _time(lambda: jax.block_until_ready(mm(a, b)), repeats)
+        total += timed[key]
+    return total
+
+
 def bench_train_step(config: ConfigDict) -> dict:
     import optax
 
@@ -231,6 +268,15 @@ def bench_train_step(config: ConfigDict) -> dict:
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
+
+    def fwd_bwd(params, batch):
+        return jax.value_and_grad(lambda p: losses.cross_entropy(
+            nnx.merge(graphdef, p), batch, b.chunk_size)[0])(params)
+
+    fwd_bwd = jax.jit(fwd_bwd)
+    jax.block_until_ready(fwd_bwd(params, batch))
+    fwd_bwd_s = _time(lambda: jax.block_until_ready(fwd_bwd(params, batch)), b.steps)
+    matmul_s = summed_matmul_s(cfg, b.batch_size, b.seq_len, cfg.dtype)
 
     start = time.perf_counter()
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, batch).compile()
@@ -262,6 +308,8 @@ def bench_train_step(config: ConfigDict) -> dict:
             "model_tflops_per_step": flops / 1e12,
             "model_tflop_per_s": flops / t / 1e12, "matmul_ceiling_tflop_per_s": ceiling / 1e12,
             "mfu": flops / t / ceiling, "compile_s": compile_s,
+            "fwd_bwd_s": fwd_bwd_s, "summed_matmul_s": matmul_s,
+            "fwd_bwd_over_matmuls": fwd_bwd_s / matmul_s,
             "peak_memory_mib": peak / 2**20, "estimated_memory_mib": est["total"] / 2**20,
             "loss": float(loss)}
 

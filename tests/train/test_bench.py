@@ -3,6 +3,8 @@
 
 import json
 
+import numpy as np
+
 import pytest
 
 from phimr_jax.train import bench
@@ -73,3 +75,22 @@ def test_greedy_pick_without_the_vocab_sort_is_unchanged(temperature, top_p, top
     np.testing.assert_array_equal(
         np.asarray(model_lp), np.asarray(jax.nn.log_softmax(logits))[np.arange(6), want])
     np.testing.assert_array_equal(np.asarray(samp_lp), 0.0)
+
+
+def test_matmul_shapes_cover_the_model_flops():
+    """The matmuls timed as the forward+backward floor are the model's: their FLOPs equal
+    6 N T plus unmasked attention (3 passes x 2 matmuls x 2 x B x heads x head_dim x T^2 x L)."""
+    from phimr_jax.model.config import preset
+
+    cfg = preset("demo")
+    b, t = 3, 40
+    n_matmul, _ = bench.model_flops_per_token_pair(cfg)
+    flops = sum(2 * m * k * n * int(np.prod(bd)) for bd, m, k, n in bench.matmul_shapes(cfg, b, t))
+    attention = 12 * b * cfg.num_heads * cfg.resolved_head_dim * t * t * cfg.num_layers
+    assert flops == 6 * n_matmul * b * t + attention
+
+
+def test_train_step_bench_reports_the_matmul_floor(tmp_path):
+    out = bench.run(_config("train_step", tmp_path))
+    assert out["summed_matmul_s"] > 0 and out["fwd_bwd_s"] > 0
+    assert out["fwd_bwd_over_matmuls"] == pytest.approx(out["fwd_bwd_s"] / out["summed_matmul_s"])
