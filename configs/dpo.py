@@ -27,6 +27,9 @@ def get_config(arg="demo"):
     c.dpo = ConfigDict()
     c.dpo.beta = 0.1  # DPO temperature. Not published; 0.1 = the TRL / Tunix / EasyDeL default.
     c.dpo.label_smoothing = 0.0  # Conservative DPO: assumed rate of flipped preferences.
+    # Weight of the chosen response's per-token NLL added to the DPO loss (RPO; 0 = plain DPO,
+    # the paper's objective). Counters likelihood displacement (phimr_jax/train/dpo.py).
+    c.dpo.nll_weight = 0.0
     c.optim.warmup_fraction = 0.1
     c.optim.decay = "linear"
     if arg == "demo":

@@ -3,12 +3,14 @@
 Objective: the sigmoid DPO loss on preference pairs of the same problem — chosen = a verified
 correct rollout, rejected = an incorrect one (the rollouts stage 1 discarded):
 
-    loss = -(1 - eps) * log sigma(beta * m) - eps * log sigma(-beta * m),
+    loss = -(1 - eps) * log sigma(beta * m) - eps * log sigma(-beta * m) + a * NLL(chosen),
     m = (log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected)),
 
 with log-probs summed over the completion tokens only (the rollout and its final <|end|>; the
 prompt is not scored), beta = 0.1 by default (the paper does not publish it; 0.1 is the
-TRL/Tunix/EasyDeL default), label smoothing eps = 0 by default (conservative DPO when > 0).
+TRL/Tunix/EasyDeL default), label smoothing eps = 0 by default (conservative DPO when > 0),
+NLL(chosen) the chosen completion's per-token negative log-likelihood with weight
+a = `dpo.nll_weight` (RPO; 0 = plain DPO, the paper's objective and the phi4_mini default).
 Chosen and rejected rows of a pair sit side by side in one batch.
 
 Reference: the initial policy (the stage-2 checkpoint, `init.checkpoint`), frozen. Its
@@ -63,14 +65,24 @@ def sequence_logps(model, batch: dict, chunk_size: int) -> jax.Array:
     return jnp.sum(logp * batch["loss_mask"], axis=-1)
 
 
-def pair_loss(model, batch: dict, *, beta: float, label_smoothing: float, chunk_size: int):
-    """Trainer loss: (loss_sum, number of pairs, metric sums); rows 2i / 2i+1 = pair i."""
+def pair_loss(model, batch: dict, *, beta: float, label_smoothing: float, chunk_size: int,
+              nll_weight: float = 0.0):
+    """Trainer loss: (loss_sum, number of pairs, metric sums); rows 2i / 2i+1 = pair i.
+
+    nll_weight: adds nll_weight x the chosen response's per-token negative log-likelihood to
+    each pair's loss (RPO, Pang et al. 2024, "Iterative Reasoning Preference Optimization").
+    Plain DPO only fixes the margin, so it can lower the chosen log-prob too ("likelihood
+    displacement"): with pairs that share everything up to one slip, it pushes down correct
+    steps along with the wrong one. The NLL term holds the chosen solution's likelihood up."""
     seq = sequence_logps(model, batch, chunk_size)
     ref = batch["ref_logp"]
     pi_c, pi_r, ref_c, ref_r = seq[0::2], seq[1::2], ref[0::2], ref[1::2]
-    loss, margin = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta, label_smoothing)
+    dpo, margin = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta, label_smoothing)
+    nll = -pi_c / jnp.maximum(jnp.sum(batch["loss_mask"][0::2], axis=-1), 1.0)
+    loss = dpo + nll_weight * nll
     chosen, rejected = beta * (pi_c - ref_c), beta * (pi_r - ref_r)
-    sums = {"loss": loss.sum(), "rewards/chosen": chosen.sum(),
+    sums = {"loss": loss.sum(), "dpo_loss": dpo.sum(), "nll/chosen": nll.sum(),
+            "rewards/chosen": chosen.sum(),
             "rewards/rejected": rejected.sum(), "rewards/margin": margin.sum(),
             "preference_accuracy": (margin > 0).sum().astype(jnp.float32),
             "logps/chosen": pi_c.sum(), "logps/rejected": pi_r.sum()}
@@ -218,6 +230,7 @@ def evaluate(model, tokenizer, config: ConfigDict) -> dict:
 def make_stage(config: ConfigDict) -> Stage:
     loss = functools.partial(pair_loss, beta=float(config.dpo.beta),
                              label_smoothing=float(config.dpo.label_smoothing),
+                             nll_weight=float(config.dpo.get("nll_weight", 0.0)),
                              chunk_size=int(config.loss.chunk_size))
     return Stage(name="dpo", make_data=make_data, loss_fn=loss, weight_fn=pair_weight,
                  evaluate=evaluate, tokenizer_fn=distill.resolve_tokenizer,

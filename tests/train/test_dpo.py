@@ -75,6 +75,13 @@ def test_pair_loss_scores_completion_tokens_only():
     total, n, sums = pair_loss(model, batch, beta=0.1, label_smoothing=0.0, chunk_size=16)
     assert float(n) == 1 and float(total) == pytest.approx(math.log(2), abs=1e-5)
     assert float(sums["rewards/margin"]) == pytest.approx(0.0, abs=1e-5)
+    # RPO: + nll_weight x the chosen side's per-token NLL.
+    n_chosen = len(tok.completion_ids(rec["chosen"]))
+    total, _, sums = pair_loss(model, batch, beta=0.1, label_smoothing=0.0, chunk_size=16,
+                               nll_weight=0.5)
+    nll = -float(seq[0]) / n_chosen
+    assert float(sums["nll/chosen"]) == pytest.approx(nll, rel=1e-5)
+    assert float(total) == pytest.approx(math.log(2) + 0.5 * nll, rel=1e-5)
 
 
 def test_kept_pairs_limit_takes_the_first_pairs_of_every_shard():
