@@ -9,7 +9,7 @@ stage-2 model (frozen; its log-probs are computed once before training).
 
 from ml_collections import ConfigDict
 
-from phimr_jax.train.config_base import data_config, phi4_mini_training, train_config
+from phimr_jax.train.config_base import data_config, demo_model, phi4_mini_training, train_config
 
 
 def get_config(arg="demo"):
@@ -35,8 +35,7 @@ def get_config(arg="demo"):
     if arg == "demo":
         # From the demo SFT run (--config.init.checkpoint); pairs = correct solution vs the
         # demo generator's deliberate mistake on the same problem.
-        c.model.preset = "demo"
-        c.model.scan_layers = False  # 4 small layers: a Python loop runs faster on CPU than scan.
+        demo_model(c)  # Demo model, bfloat16 compute, CPU-tuned kernels.
         c.data.demo = True
         c.data.seq_len = 192
         c.data.global_batch_size = 16  # rows = 8 pairs per step

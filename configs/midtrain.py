@@ -5,7 +5,7 @@
       --config.init.hf_dir=/path/Phi-4-mini --config.data.train_files='/data/s1/*.parquet'
 """
 
-from phimr_jax.train.config_base import data_config, phi4_mini_training, train_config
+from phimr_jax.train.config_base import data_config, demo_model, phi4_mini_training, train_config
 
 
 def get_config(arg="demo"):
@@ -13,8 +13,7 @@ def get_config(arg="demo"):
     c.data = data_config()
     if arg == "demo":
         # Tiny Phi-architecture model from scratch on the synthetic corpus: minutes on 2 cores.
-        c.model.preset = "demo"
-        c.model.scan_layers = False  # 4 small layers: a Python loop runs faster on CPU than scan.
+        demo_model(c)  # Demo model, bfloat16 compute, CPU-tuned kernels.
         c.data.demo = True
         c.data.seq_len = 256
         c.data.global_batch_size = 16

@@ -10,7 +10,7 @@ trained, in the same process.
 
 from ml_collections import ConfigDict
 
-from phimr_jax.train.config_base import data_config, phi4_mini_training, train_config
+from phimr_jax.train.config_base import data_config, demo_model, phi4_mini_training, train_config
 
 
 def get_config(arg="demo"):
@@ -75,8 +75,7 @@ def get_config(arg="demo"):
     c.eval_every_steps = 0
     if arg == "demo":
         # From the demo DPO (or SFT) run: --config.init.checkpoint=runs/demo/dpo.
-        c.model.preset = "demo"
-        c.model.scan_layers = False  # 4 small layers: a Python loop runs faster on CPU than scan.
+        demo_model(c)  # Demo model, bfloat16 compute, CPU-tuned kernels.
         c.data.demo = True
         c.data.seq_len = 192
         c.data.global_batch_size = 32

@@ -4,15 +4,14 @@
       --config.init.checkpoint=runs/demo/midtrain
 """
 
-from phimr_jax.train.config_base import data_config, phi4_mini_training, train_config
+from phimr_jax.train.config_base import data_config, demo_model, phi4_mini_training, train_config
 
 
 def get_config(arg="demo"):
     c = train_config("sft")
     c.data = data_config()
     if arg == "demo":
-        c.model.preset = "demo"  # Only used if init.checkpoint is not given.
-        c.model.scan_layers = False  # 4 small layers: a Python loop runs faster on CPU than scan.
+        demo_model(c)  # Demo model, bfloat16 compute, CPU-tuned kernels.
         c.data.demo = True
         # Every level, not the paper's harder subset: the 1.8M-parameter demo model has not yet
         # fixed its one-digit facts, and SFT without level 1 made it forget them. Measured (paired

@@ -124,6 +124,20 @@ def data_config() -> ConfigDict:
     return d
 
 
+def demo_model(c: ConfigDict) -> ConfigDict:
+    """The demo presets' model and kernels, tuned for 2 CPU cores (BENCHMARKS.md, "demo train
+    step"): the demo model; its 4 layers in a Python loop (no scan buffers); bfloat16 matmuls
+    over float32 master weights (matrix units such as AMX run them 3-5x faster than float32,
+    and the demo model's stage-1 loss was no worse); blockwise attention in 64-token blocks,
+    which skips the causal blocks above the diagonal of the 192-256-token rows."""
+    c.model.preset = "demo"
+    c.model.scan_layers = False
+    c.model.dtype = "bfloat16"
+    c.model.attention_impl = "blockwise"
+    c.model.attention_block_size = 64
+    return c
+
+
 def phi4_mini_training(c: ConfigDict, *, seq_len: int, learning_rate: float) -> ConfigDict:
     """What every phi4_mini stage preset shares: the 3.8B model with bf16 matmuls over f32
     master weights and Adam state, per-layer remat, FSDP over all devices, a 2048-token LM-head
