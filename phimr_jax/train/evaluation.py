@@ -83,12 +83,20 @@ def pass_at_1(correct: np.ndarray) -> tuple[float, float]:
     return float(per_problem.mean()), se
 
 
-def by_difficulty(correct: np.ndarray, levels: list) -> dict:
-    """{difficulty label: pass@1 over that label's problems}, for labelled problems only."""
+def pass_at_k(correct: np.ndarray) -> float:
+    """pass@k with k = the samples per problem: the fraction of problems with at least one
+    correct sample. Next to pass@1 it shows what RL can sharpen: where pass@k >> pass@1 the
+    model sometimes solves a problem it usually fails, and on-policy RL gets a signal."""
+    return float(correct.any(axis=1).mean())
+
+
+def by_difficulty(correct: np.ndarray, levels: list, metric=lambda c: float(c.mean())) -> dict:
+    """{difficulty label: metric (default pass@1) over that label's problems}, for labelled
+    problems only."""
     out = {}
     for level in sorted({lv for lv in levels if lv is not None}):
         rows = np.array([lv == level for lv in levels])
-        out[level] = float(correct[rows].mean())
+        out[level] = metric(correct[rows])
     return out
 
 
@@ -127,7 +135,9 @@ def run(config: ConfigDict) -> dict:
                "grader_timeouts": int(timeouts), "temperature": config.temperature,
                "top_p": config.top_p, "max_new_tokens": config.max_new_tokens,
                "model": config.hf_dir or config.checkpoint,
-               "pass@1_by_difficulty": by_difficulty(correct, levels)}
+               "pass@1_by_difficulty": by_difficulty(correct, levels),
+               "pass@k": pass_at_k(correct),
+               "pass@k_by_difficulty": by_difficulty(correct, levels, pass_at_k)}
     problems = [{"question": questions[i], "gold": golds[i],
                  "correct": correct[i].tolist(), "pass@1": float(correct[i].mean()),
                  "completions": texts[i * k:(i + 1) * k] if config.save_completions else [],

@@ -47,6 +47,8 @@ def _evaluate(config: ConfigDict, run_dir: str, dataset: str, label: str) -> dic
             "problems": summary["problems"], "k": summary["samples_per_problem"],
             "mean_tokens": summary["mean_tokens"],
             "by_difficulty": summary.get("pass@1_by_difficulty") or {},
+            "pass@k": summary.get("pass@k"),
+            "by_difficulty_at_k": summary.get("pass@k_by_difficulty") or {},
             "per_problem": [p["pass@1"] for p in result["problems"]]}
 
 
@@ -60,21 +62,27 @@ def paired_change(before: list, after: list) -> tuple[float, float]:
 
 
 def table(rows: list) -> list:
-    """The markdown table: pass@1 ± SE per stage, the paired change from the previous row, and
-    pass@1 per difficulty level when the problems have one."""
+    """The markdown table: pass@1 ± SE per stage, the paired change from the previous row,
+    pass@k (k = samples per problem), and per difficulty level (when the problems have one)
+    pass@1 / pass@k."""
     levels = sorted({k for r in rows for k in r["by_difficulty"]}, key=str)
     lines = ["| model | held-out pass@1 (%) | ± SE | change vs previous row (± paired SE) | "
-             + "".join(f"level {k} | " for k in levels) + "problems | k | mean tokens |",
-             "|---|---|---|---|" + "---|" * len(levels) + "---|---|---|"]
+             "pass@k (%) | " + "".join(f"level {k} pass@1 / @k | " for k in levels)
+             + "problems | k | mean tokens |",
+             "|---|---|---|---|---|" + "---|" * len(levels) + "---|---|---|"]
     for i, r in enumerate(rows):
         change = ""
         if i:
             d, se = paired_change(rows[i - 1]["per_problem"], r["per_problem"])
             change = f"{100 * d:+.1f} ± {100 * se:.1f}"
-        per_level = "".join(f"{100 * r['by_difficulty'][k]:.0f} | " if k in r["by_difficulty"]
-                            else " | " for k in levels)
+        at_k = r.get("by_difficulty_at_k") or {}
+        per_level = "".join(
+            (f"{100 * r['by_difficulty'][k]:.0f}" + (f" / {100 * at_k[k]:.0f}" if k in at_k
+                                                     else "") + " | ")
+            if k in r["by_difficulty"] else " | " for k in levels)
+        pass_k = "" if r.get("pass@k") is None else f"{100 * r['pass@k']:.1f}"
         lines.append(f"| {r['stage']} | {100 * r['pass@1']:.1f} | {100 * r['stderr']:.1f} | "
-                     f"{change} | {per_level}{r['problems']} | {r['k']} | "
+                     f"{change} | {pass_k} | {per_level}{r['problems']} | {r['k']} | "
                      f"{r['mean_tokens']:.0f} |")
     return lines
 

@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from phimr_jax.train.evaluation import MATH_SUFFIX, by_difficulty, load_problems, pass_at_1
+from phimr_jax.train.evaluation import (MATH_SUFFIX, by_difficulty, load_problems, pass_at_1,
+                                        pass_at_k)
 from tests.data import demo_paths, sp_model, write_jsonl
 from tests.test_configs import load
 
@@ -21,6 +22,13 @@ def test_pass_at_1_by_difficulty():
     correct = np.array([[1, 1], [0, 0], [1, 0], [0, 0]], bool)
     got = by_difficulty(correct, ["Level 1", "Level 2", "Level 1", None])
     assert got == {"Level 1": pytest.approx(0.75), "Level 2": 0.0}
+
+
+def test_pass_at_k_counts_problems_with_any_correct_sample():
+    correct = np.array([[1, 0, 0], [0, 0, 0], [1, 1, 1], [0, 0, 1]], bool)
+    assert pass_at_k(correct) == pytest.approx(0.75)
+    got = by_difficulty(correct, ["1", "1", "2", "2"], pass_at_k)
+    assert got == {"1": 0.5, "2": 1.0}
 
 
 def test_pass_at_1_and_standard_error():

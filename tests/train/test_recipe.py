@@ -95,8 +95,12 @@ def test_paired_change_and_table():
              "mean_tokens": 12.0, "by_difficulty": {"1": 0.75}, "per_problem": after}]
     lines = recipe.table(rows)
     assert lines[0].count("level") == 2 and len(lines) == 4
-    assert lines[2].startswith("| a | 43.8 | 20.0 |  | 50 | 25 | 4 | 4 | 10 |")
-    assert lines[3].startswith(f"| b | 68.8 | 10.0 | +25.0 ± {100 * sd / 2:.1f} | 75 |  | ")
+    assert lines[2].startswith("| a | 43.8 | 20.0 |  |  | 50 | 25 | 4 | 4 | 10 |")
+    assert lines[3].startswith(f"| b | 68.8 | 10.0 | +25.0 ± {100 * sd / 2:.1f} |  | 75 |  | ")
+    # pass@k next to pass@1, overall and per level, when the evaluation reports it.
+    rows[1].update({"pass@k": 0.75, "by_difficulty_at_k": {"1": 1.0}})
+    assert recipe.table(rows)[3].startswith(
+        f"| b | 68.8 | 10.0 | +25.0 ± {100 * sd / 2:.1f} | 75.0 | 75 / 100 |  | ")
 
 
 def test_evaluate_uses_the_returned_result_where_no_file_is_written(tmp_path, monkeypatch):
