@@ -12,12 +12,13 @@ Layout choices (all exact w.r.t. HF, see tests/model/test_parity.py):
 - Packed sequences: `segment_ids` (0 = padding) restrict attention to earlier tokens of the same
   segment; `positions` restart per segment and drive RoPE.
 - KV cache: `decode()` writes new keys/values at `cache.index` and attends over all filled slots
-  of the same segment. The cache remembers the LongRoPE regime of its keys: the regime is chosen
-  on the first call (HF's rule over that call's positions, or `long_rope=`) and kept for later
-  steps, so a cache never mixes short- and long-factor keys. Crossing
-  `original_max_position_embeddings` with a short-regime cache therefore keeps the short factors;
-  HF instead drops the cache and re-encodes everything with the long factors — the sampler does
-  that re-encode explicitly (`needs_reencode`).
+  of the same segment. The cache remembers the LongRoPE regime of its keys, one per row: the
+  regime is chosen on the first call (HF's rule applied to each row's own positions, i.e. what
+  HF picks for that sequence alone, or `long_rope=`) and kept for later steps, so a row never
+  mixes short- and long-factor keys. A row crossing `original_max_position_embeddings` with
+  short-regime keys therefore keeps the short factors; HF instead drops that sequence's cache
+  and re-encodes it with the long factors — the sampler does that re-encode explicitly, per
+  row (`needs_reencode`).
 - Matmuls, RMSNorm and SwiGLU have hand-written backward passes (phimr_jax/model/layers.py):
   same values, but XLA:CPU no longer picks transposed layouts for their gradients, and in
   bfloat16 every backward matmul takes bfloat16 inputs with float32 accumulation.
@@ -70,7 +71,7 @@ class KVCache:
     v: jax.Array  # same
     segment_ids: jax.Array  # [batch, max_length] int32; 0 = empty slot or padding
     index: jax.Array  # int32 scalar: the next slot to write
-    long_rope: jax.Array  # bool scalar: LongRoPE regime of the cached keys
+    long_rope: jax.Array  # [batch] bool: LongRoPE regime of each row's cached keys
 
     @property
     def max_length(self) -> int:
@@ -175,7 +176,8 @@ class Phi3ForCausalLM(nnx.Module):
         return KVCache(k=constrain(jnp.zeros(shape, dtype), axes),
                        v=constrain(jnp.zeros(shape, dtype), axes),
                        segment_ids=jnp.zeros((batch_size, max_length), jnp.int32),
-                       index=jnp.zeros((), jnp.int32), long_rope=jnp.zeros((), bool))
+                       index=jnp.zeros((), jnp.int32),
+                       long_rope=jnp.zeros((batch_size,), bool))
 
     def decode(self, input_ids: jax.Array, cache: KVCache, positions: Optional[jax.Array] = None,
                segment_ids: Optional[jax.Array] = None, *, long_rope=None, logits_at=None):
@@ -186,8 +188,9 @@ class Phi3ForCausalLM(nnx.Module):
         last position, and [batch, prompt, vocab] float32 logits would not fit at 200K vocab.
 
         positions default to index + 0..T-1; segment_ids default to 1 (0 marks padding that no
-        real token attends to, e.g. left padding of ragged prompts). The LongRoPE regime is
-        fixed on the first call unless `long_rope` is given (see module docstring).
+        real token attends to, e.g. left padding of ragged prompts). The LongRoPE regime (per
+        row) is fixed on the first call unless `long_rope` (a bool, or [batch] bools) is given
+        (see module docstring).
         """
         cfg = self.config
         input_ids = jnp.asarray(input_ids)
@@ -198,9 +201,9 @@ class Phi3ForCausalLM(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((bsz, seq), jnp.int32)
         if long_rope is None:
-            long_rope = jnp.where(cache.index == 0, rope.auto_long_rope(cfg, positions),
+            long_rope = jnp.where(cache.index == 0, rope.auto_long_rope_per_row(cfg, positions),
                                   cache.long_rope)
-        long_rope = jnp.asarray(long_rope, bool)
+        long_rope = jnp.broadcast_to(jnp.asarray(long_rope, bool), (bsz,))
         cache_segments = jax.lax.dynamic_update_slice(
             cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache.index))
         # Queries at slots index..index+T-1 over every cache slot; single-token steps keep the
@@ -217,11 +220,12 @@ class Phi3ForCausalLM(nnx.Module):
             h = jax.lax.dynamic_slice_in_dim(h, logits_at, 1, axis=1)
         return self.logits(h), cache
 
-    def needs_reencode(self, cache: KVCache, next_length: int) -> jax.Array:
-        """True where HF would drop this cache: keys in the short regime while the sequence is
-        about to exceed original_max_position_embeddings (traced bool)."""
+    def needs_reencode(self, cache: KVCache, next_length) -> jax.Array:
+        """[batch] bool, true for the rows where HF would drop the cache of that sequence:
+        keys in the short regime while the row's length (its real tokens, including the one
+        about to be fed; an int or [batch] ints) exceeds original_max_position_embeddings."""
         if self.config.rope_type != "longrope":
-            return jnp.asarray(False)
+            return jnp.zeros_like(cache.long_rope)
         return (~cache.long_rope) & (next_length > self.config.original_max_position_embeddings)
 
     # ------------------------------------------------------------------ internals

@@ -7,8 +7,9 @@
 - Both cos and sin are multiplied by the attention factor (mscale), short and long alike.
 - Regime ("auto"): one choice per forward pass for the whole batch: long factors iff
   `max(positions) + 1 > original_max_position_embeddings` (HF's `longrope_frequency_update`).
-  Callers may force a regime (`long_rope=True/False`), which the KV cache and the RL
-  fixed-regime mode rely on.
+  Callers may force a regime (`long_rope=True/False`), which the RL fixed-regime mode relies
+  on, or give one per row (a [batch] bool): the KV cache does, so that each row of a sampled
+  batch follows the rule HF applies to that sequence on its own (`auto_long_rope_per_row`).
 """
 
 from __future__ import annotations
@@ -63,12 +64,26 @@ def auto_long_rope(cfg: ModelConfig, positions: jnp.ndarray) -> jnp.ndarray:
     return jnp.max(positions) + 1 > cfg.original_max_position_embeddings
 
 
+def auto_long_rope_per_row(cfg: ModelConfig, positions: jnp.ndarray) -> jnp.ndarray:
+    """HF's rule applied to each row on its own ([batch] bool, traced): what HF picks for that
+    row's sequence alone. Positions count a row's real tokens (left padding sits at 0), so a
+    padded row decides by its own length, not the padded width."""
+    if cfg.rope_type != "longrope":
+        return jnp.zeros(positions.shape[:1], bool)
+    return jnp.max(positions, axis=-1) + 1 > cfg.original_max_position_embeddings
+
+
 def cos_sin(cfg: ModelConfig, positions: jnp.ndarray, long_rope, dtype) -> tuple:
     """cos, sin of shape [batch, seq, rotary_dim], already scaled by the attention factor.
 
-    `long_rope` is a (possibly traced) boolean scalar choosing the factor list.
+    `long_rope` (possibly traced) chooses the factor list: a bool scalar for the whole batch,
+    or a [batch] bool per row. A select between the two tables, so a regime change never
+    recompiles, and each row's angles are the same f32 products as in a batch of one.
     """
     short, long = inv_freqs(cfg)
+    long_rope = jnp.asarray(long_rope, bool)
+    if long_rope.ndim == 1:  # per row: [batch] -> [batch, 1 (seq), 1 (freq)]
+        long_rope = long_rope[:, None, None]
     inv = jnp.where(long_rope, jnp.asarray(long), jnp.asarray(short))
     freqs = positions[..., None].astype(jnp.float32) * inv  # exact f32 products, as in torch
     emb = jnp.concatenate([freqs, freqs], axis=-1)

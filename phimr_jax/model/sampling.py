@@ -14,12 +14,13 @@
   sharded by the training rules.
 
 LongRoPE (`rope_mode`):
-- "hf" (default, transformers-identical): the prefill uses HF's per-forward rule; while the
-  cache holds short-factor keys and the sequence is about to exceed
-  original_max_position_embeddings, everything so far is re-encoded with the long factors (HF
-  drops its cache at that point) and decoding goes on from there. Tokens before the crossing
-  were sampled under the short factors, as in HF. The rule is taken over the batch (the longest
-  row decides), as HF's max(position_ids) is.
+- "hf" (default, transformers-identical per row): each row follows what HF does for that
+  sequence generated on its own, so a row's tokens do not depend on its batch companions or
+  its left padding. The prefill picks each row's regime from its own length (long iff its
+  prompt alone exceeds original_max_position_embeddings). A row still in the short regime
+  whose length (real tokens, not the padded width) is about to exceed it is re-encoded with
+  the long factors at that step (HF drops its cache there); only that row's cache and logits
+  are replaced. Tokens before a row's crossing were sampled under the short factors, as in HF.
 - "fixed": one regime for the whole call, chosen from the maximum total length
   (longest prompt + max_new_tokens), with no re-encode. A trainer scoring the finished
   sequences with `long_rope=rope_regime(config, that length)` gets the same log-probs, which
@@ -36,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from phimr_jax.model.sharding import constrain
+from phimr_jax.model.sharding import MESH_AXES, constrain, current_rules, logical_to_spec
 
 _NEG = -1e30
 
@@ -106,12 +107,24 @@ def _pick(logits, key, temperature, top_p, top_k, vocab_limit):
     return token, jnp.take_along_axis(model_lp, token[:, None], axis=-1)[:, 0], samp_lp
 
 
-@partial(jax.jit, static_argnames=("budget", "hf_rope"))
-def _sample(model, ids, segment_ids, positions, key, temperature, top_p, top_k, stop_ids,
-            limit, fixed_long, vocab_limit, *, budget: int, hf_rope: bool):
+def _batch_shards(bsz: int) -> int:
+    """How many shards the rows are split into under the active mesh (1 without one)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+        return 1
+    axes = logical_to_spec(("batch",), (bsz,), mesh, current_rules())
+    axes = axes[0] if len(axes) else None
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return int(np.prod([mesh.shape[a] for a in axes], dtype=np.int64))
+
+
+@partial(jax.jit, static_argnames=("budget", "hf_rope", "reencode_rows"))
+def _sample(model, ids, segment_ids, positions, live, key, temperature, top_p, top_k, stop_ids,
+            limit, fixed_long, vocab_limit, *, budget: int, hf_rope: bool, reencode_rows: int):
     bsz, plen = ids.shape
     ids = constrain(ids, ("batch", "length"))
     cache = model.init_cache(bsz, plen + budget)
+    # hf: each row's prefill regime from its own length (decode's per-row default).
     logits, cache = model.decode(ids, cache, positions=positions, segment_ids=segment_ids,
                                  long_rope=None if hf_rope else fixed_long, logits_at=plen - 1)
     last_pos = positions[:, -1]
@@ -123,17 +136,40 @@ def _sample(model, ids, segment_ids, positions, key, temperature, top_p, top_k, 
                                      segment_ids=jnp.where(done, 0, 1)[:, None].astype(jnp.int32))
         return logits[:, 0], cache
 
-    def reencode(cache, out, t):
-        """HF's cache drop at the LongRoPE crossing: prompt + tokens 0..t through a fresh cache
-        with the long factors; the logits of token t predict step t+1."""
+    def reencode(cache, logits, crossing, out, t):
+        """HF's cache drop at the LongRoPE crossing, for the rows in `crossing` only: each such
+        row's prompt + tokens 0..t go through a fresh cache with the long factors, and its
+        cache row and logits (those of token t, predicting step t+1) replace what the plain
+        step gave it. Rows are re-encoded `reencode_rows` at a time (one per batch shard), so
+        a batch whose rows cross at different steps costs about one batch-wide re-encode in
+        all, as HF's per-sequence drops do; on steps where no row crosses the loop runs zero
+        times. Slot layout, positions and segment ids are the row's own, so the sliding
+        window and the padding mask are those of the plain steps; the cache's segment ids
+        already hold these values and stay."""
         gen_seg = (jnp.arange(budget)[None] <= t).astype(jnp.int32) * jnp.ones((bsz, 1), jnp.int32)
-        fresh = model.init_cache(bsz, plen + budget)
-        logits, fresh = model.decode(
-            jnp.concatenate([ids, out], axis=1), fresh,
-            positions=jnp.concatenate([positions, gen_pos], axis=1),
-            segment_ids=jnp.concatenate([segment_ids, gen_seg], axis=1), long_rope=True,
-            logits_at=plen + t)
-        return logits[:, 0], fresh.replace(index=jnp.int32(plen) + t + 1)
+        seq_ids = jnp.concatenate([ids, out], axis=1)
+        seq_pos = jnp.concatenate([positions, gen_pos], axis=1)
+        seq_seg = jnp.concatenate([segment_ids, gen_seg], axis=1)
+
+        def one_chunk(carry):
+            cache, logits, pending = carry
+            # The first `reencode_rows` pending rows; index bsz pads the chunk: its gather
+            # clips to a real row (wasted work) and its scatters are dropped.
+            rows = jnp.nonzero(pending, size=reencode_rows, fill_value=bsz)[0]
+            take = lambda x: jnp.take(x, rows, axis=0, mode="clip")
+            fresh = model.init_cache(reencode_rows, plen + budget)
+            row_logits, fresh = model.decode(take(seq_ids), fresh, positions=take(seq_pos),
+                                             segment_ids=take(seq_seg), long_rope=True,
+                                             logits_at=plen + t)
+            cache = cache.replace(k=cache.k.at[:, rows].set(fresh.k, mode="drop"),
+                                  v=cache.v.at[:, rows].set(fresh.v, mode="drop"),
+                                  long_rope=cache.long_rope.at[rows].set(True, mode="drop"))
+            logits = logits.at[rows].set(row_logits[:, 0], mode="drop")
+            return cache, logits, pending.at[rows].set(False, mode="drop")
+
+        cache, logits, _ = jax.lax.while_loop(lambda c: jnp.any(c[2]), one_chunk,
+                                              (cache, logits, crossing))
+        return cache, logits
 
     def cond(state):
         t, _, _, done, *_ = state
@@ -147,17 +183,19 @@ def _sample(model, ids, segment_ids, positions, key, temperature, top_p, top_k, 
         out = out.at[:, t].set(tok)
         lp = lp.at[:, t].set(jnp.where(done, 0.0, model_lp))
         slp = slp.at[:, t].set(jnp.where(done, 0.0, samp_lp))
+        logits, cache = step(cache, tok, t, done)
+        done_next = done | jnp.isin(tok, stop_ids)
         if hf_rope:
-            crossing = model.needs_reencode(cache, jnp.max(jax.lax.dynamic_index_in_dim(gen_pos, t, axis=1, keepdims=False)) + 1)
-            logits, cache = jax.lax.cond(crossing, lambda c: reencode(c, out, t),
-                                         lambda c: step(c, tok, t, done), cache)
-        else:
-            logits, cache = step(cache, tok, t, done)
-        done = done | jnp.isin(tok, stop_ids)
-        return t + 1, logits, cache, done, out, lp, slp
+            # Each row's own length once token t is fed: its real tokens, whatever its padding.
+            length = jax.lax.dynamic_index_in_dim(gen_pos, t, axis=1, keepdims=False) + 1
+            # A row that just stopped needs no next-step logits, so it is not re-encoded.
+            crossing = model.needs_reencode(cache, length) & ~done_next
+            cache, logits = reencode(cache, logits, crossing, out, t)
+        return t + 1, logits, cache, done_next, out, lp, slp
 
     zeros = jnp.zeros((bsz, budget), jnp.float32)
-    init = (jnp.int32(0), logits[:, 0], cache, jnp.zeros((bsz,), bool),
+    # Filler rows (bucket padding) start done: they never keep the loop going or re-encode.
+    init = (jnp.int32(0), logits[:, 0], cache, ~live,
             jnp.zeros((bsz, budget), jnp.int32), zeros, zeros)
     _, _, _, _, out, lp, slp = jax.lax.while_loop(cond, body, init)
     return out, lp, slp
@@ -193,10 +231,11 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
         seg[i, -1] = 1
     longest = max(len(r) for r in rows)
     out, lp, slp = _sample(
-        model, ids, seg, pos, jax.random.key(seed), jnp.float32(temperature),
+        model, ids, seg, pos, np.arange(bsz) < n, jax.random.key(seed), jnp.float32(temperature),
         jnp.float32(top_p), jnp.int32(top_k), jnp.asarray(stops or [-1], jnp.int32),
         jnp.int32(max_new_tokens), jnp.asarray(rope_regime(cfg, longest + max_new_tokens)),
-        jnp.int32(vocab_limit or cfg.vocab_size), budget=budget, hf_rope=rope_mode == "hf")
+        jnp.int32(vocab_limit or cfg.vocab_size), budget=budget, hf_rope=rope_mode == "hf",
+        reencode_rows=_batch_shards(bsz))
     if jax.process_count() > 1:  # rows are sharded over hosts: every process gets them all
         from jax.experimental import multihost_utils
         out, lp, slp = multihost_utils.process_allgather((out, lp, slp), tiled=True)

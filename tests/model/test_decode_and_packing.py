@@ -39,7 +39,7 @@ def test_prefill_then_steps_match_full_forward(model, total, prompt):
         outs.append(np.asarray(logits))
     got = np.concatenate(outs, axis=1)
     np.testing.assert_array_less(np.abs(got - full).max(), TOL)
-    assert int(cache.index) == total and bool(cache.long_rope) == long_rope
+    assert int(cache.index) == total and cache.long_rope.tolist() == [long_rope] * 2
 
 
 def test_prefill_regime_auto_and_kept(model):
@@ -47,13 +47,39 @@ def test_prefill_regime_auto_and_kept(model):
     orig = model.config.original_max_position_embeddings
     cache = model.init_cache(1, orig + 8)
     _, cache = model.decode(_ids(1, (1, orig)), cache)
-    assert not bool(cache.long_rope)
-    assert bool(model.needs_reencode(cache, orig + 1))
+    assert cache.long_rope.tolist() == [False]
+    assert model.needs_reencode(cache, orig + 1).tolist() == [True]
     _, cache = model.decode(_ids(2, (1, 1)), cache)  # position orig: would be long in HF
-    assert not bool(cache.long_rope)
+    assert cache.long_rope.tolist() == [False]
     cache = model.init_cache(1, orig + 8)
     _, cache = model.decode(_ids(1, (1, orig + 1)), cache)
-    assert bool(cache.long_rope) and not bool(model.needs_reencode(cache, orig + 2))
+    assert cache.long_rope.tolist() == [True]
+    assert model.needs_reencode(cache, orig + 2).tolist() == [False]
+
+
+def test_prefill_regime_is_per_row(model):
+    """A left-padded batch whose rows sit on either side of original_max_position_embeddings:
+    each row gets the regime HF picks for it alone (not the batch's longest row), so its
+    logits are those of its own full forward; needs_reencode is per row too."""
+    orig = model.config.original_max_position_embeddings
+    long_row, short_row = _ids(10, (1, orig + 6)), _ids(11, (1, orig - 2))
+    pad = long_row.shape[1] - short_row.shape[1]
+    ids = np.concatenate([long_row, np.concatenate([np.zeros((1, pad), int), short_row], 1)])
+    seg = np.stack([np.ones(orig + 6), np.r_[[0] * pad + [1] * (orig - 2)]]).astype(np.int32)
+    pos = np.stack([np.arange(orig + 6), np.maximum(np.arange(orig + 6) - pad, 0)])
+    cache = model.init_cache(2, orig + 16)
+    logits, cache = model.decode(ids, cache, positions=pos.astype(np.int32), segment_ids=seg)
+    assert cache.long_rope.tolist() == [True, False]
+    for row, seq in ((0, long_row), (1, short_row)):
+        ref = np.asarray(model(seq))[0]  # HF's rule on the row alone
+        n = seq.shape[1]
+        np.testing.assert_array_less(np.abs(np.asarray(logits)[row, -n:] - ref).max(), TOL)
+    # The short row's next length orig - 1 stays inside; at orig + 1 it would cross.
+    assert model.needs_reencode(cache, np.array([orig + 7, orig - 1])).tolist() == [False, False]
+    assert model.needs_reencode(cache, np.array([orig + 7, orig + 1])).tolist() == [False, True]
+    # The batch-wide rule (what a single full forward of the padded batch does) differs here.
+    batch_wide = np.asarray(model(ids, positions=pos, segment_ids=seg))[1, -(orig - 2):]
+    assert np.abs(batch_wide - np.asarray(model(short_row))[0]).max() > 1e-2
 
 
 def test_left_padded_ragged_prompts(model):
