@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from phimr_jax.model import rope
-from phimr_jax.model.attention import make_attention, xla_attention
+from phimr_jax.model.attention import MASK_VALUE, dense_mask, make_attention, xla_attention
 from phimr_jax.model.config import ModelConfig
 from phimr_jax.model.layers import project, rms_norm, swiglu
 from phimr_jax.model.sharding import constrain
@@ -76,6 +76,47 @@ class KVCache:
     @property
     def max_length(self) -> int:
         return self.k.shape[2]
+
+
+@struct.dataclass
+class StepCache:
+    """The KV cache of the sampler's single-token loop (`Phi3ForCausalLM.decode_step`): the
+    same contents as a `KVCache`, one array per layer in [batch, kv_heads, max_length,
+    head_dim] order. Why not KVCache itself (measured, bench sampler, 2 loaded CPU cores):
+    reading layer l of the stacked [layers, batch, length, kv, hd] cache and putting its KV-head
+    axis before the length for the attention matmuls copied the whole layer every step, about
+    1.7 of the 4.6 ms a step took. Here the attention matmuls read the layer as it is stored,
+    and each step writes one slot per layer in place."""
+
+    k: tuple  # num_layers arrays [batch, kv_heads, max_length, head_dim]
+    v: tuple  # same
+    segment_ids: jax.Array  # [batch, max_length] int32; 0 = empty slot or padding
+    index: jax.Array  # int32 scalar: the next slot to write
+    long_rope: jax.Array  # [batch] bool: LongRoPE regime of each row's cached keys
+
+    @property
+    def max_length(self) -> int:
+        return self.segment_ids.shape[1]
+
+    @classmethod
+    def from_cache(cls, cache: KVCache) -> "StepCache":
+        """The step layout of a filled KVCache (one transpose per layer, once per prefill)."""
+        split = lambda x: tuple(_step_layout(x[i]) for i in range(x.shape[0]))
+        return cls(k=split(cache.k), v=split(cache.v), segment_ids=cache.segment_ids,
+                   index=cache.index, long_rope=cache.long_rope)
+
+    def set_rows(self, rows: jax.Array, fresh: KVCache) -> "StepCache":
+        """Rows `rows` of keys/values replaced by those of `fresh` (a KVCache of len(rows)
+        rows and the same length); out-of-range indices are dropped. Segment ids, index and
+        the regime stay (the caller sets the regime)."""
+        put = lambda old, new: tuple(o.at[rows].set(_step_layout(new[i]), mode="drop")
+                                     for i, o in enumerate(old))
+        return self.replace(k=put(self.k, fresh.k), v=put(self.v, fresh.v))
+
+
+def _step_layout(x: jax.Array) -> jax.Array:
+    """[batch, length, kv, hd] -> [batch, kv, length, hd], sharded like the activations."""
+    return constrain(jnp.swapaxes(x, 1, 2), ("batch", "kv_heads", "cache_length", "head_dim"))
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -227,6 +268,99 @@ class Phi3ForCausalLM(nnx.Module):
         if self.config.rope_type != "longrope":
             return jnp.zeros_like(cache.long_rope)
         return (~cache.long_rope) & (next_length > self.config.original_max_position_embeddings)
+
+    def step_weights(self) -> dict:
+        """The parameters `decode_step` reads, prepared once per sampling call (outside its
+        loop): per-layer arrays (static slices) in the compute dtype, with q/k/v fused into one
+        [hidden, (heads + 2 kv_heads) * head_dim] matrix and gate/up into one [hidden, 2 mlp]
+        when no mesh is active, and the LM head as [hidden, vocab]. Why (measured on the bench
+        model, 2 CPU cores, per 8-row step): slicing layer l out of the stacked parameters
+        inside the loop copied every weight every step (~1 ms); the bfloat16 model also
+        re-cast its float32 master weights every step; 7 -> 4 matmuls per layer saves their
+        per-call overhead. It costs one copy of the weights in the compute dtype for the
+        duration of the call. Under a mesh the projections stay separate, sharded by heads as
+        in training (a concatenation across tensor-sharded heads would gather them)."""
+        cfg = self.config
+        dt = cfg.jnp_dtype
+        d, h, kv, hd = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
+                        cfg.resolved_head_dim)
+        fuse = jax.sharding.get_abstract_mesh().empty
+        params = {name: getattr(self, name)[...].astype(dt) for name in LAYER_PARAM_AXES}
+        layers = []
+        for i in range(cfg.num_layers):
+            p = {name: value[i] for name, value in params.items()}
+            w = {"attn_norm": p["attn_norm"], "mlp_norm": p["mlp_norm"],
+                 "o": p["o"].reshape(h * hd, d), "down": p["down"]}
+            if fuse:
+                w["qkv"] = jnp.concatenate([p["q"].reshape(d, h * hd), p["k"].reshape(
+                    d, kv * hd), p["v"].reshape(d, kv * hd)], axis=1)
+                w["gate_up"] = jnp.concatenate([p["gate"], p["up"]], axis=1)
+            else:
+                w.update({name: p[name] for name in ("q", "k", "v", "gate", "up")})
+            layers.append(w)
+        embed = self.embed[...].astype(dt)
+        head = embed.T if cfg.tie_word_embeddings else self.lm_head[...].astype(dt)
+        return {"layers": layers, "embed": embed, "head": head,
+                "final_norm": self.final_norm[...]}
+
+    def decode_step(self, weights: dict, input_ids: jax.Array, cache: StepCache,
+                    positions: jax.Array, segment_ids: jax.Array):
+        """One token per row on top of `cache`: `decode(input_ids[:, None], ...)` for a cache
+        whose regime is already set, in the step layout. input_ids, positions, segment_ids:
+        [batch] ints; weights: `step_weights()`. Returns (logits [batch, vocab] float32,
+        updated cache). Same math as `_run_layers` (same norms, rotary, float32-accumulated
+        projections, reference attention over every cache slot); only the data layout
+        differs, so the values agree up to matmul summation order."""
+        cfg = self.config
+        dt = cfg.jnp_dtype
+        h_, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+        bsz = input_ids.shape[0]
+        eps = cfg.rms_norm_eps
+        seg = jax.lax.dynamic_update_slice(cache.segment_ids,
+                                           segment_ids.astype(jnp.int32)[:, None],
+                                           (0, cache.index))
+        mask = dense_mask(1, cache.max_length, segment_ids[:, None], seg, cache.index,
+                          cfg.sliding_window)[:, 0]  # [batch, slots], shared by the layers
+        cos, sin = rope.cos_sin(cfg, positions[:, None], cache.long_rope, dt)
+        x = jnp.take(weights["embed"], input_ids, axis=0)
+        x = constrain(x, ("batch", "act_embed"))
+        mm = lambda a, w: jnp.einsum("bd,dn->bn", a, w,
+                                     preferred_element_type=jnp.float32).astype(dt)
+        new_k, new_v = [], []
+        for w, ck, cv in zip(weights["layers"], cache.k, cache.v):
+            y = rms_norm(x, w["attn_norm"], eps)
+            if "qkv" in w:
+                q, k, v = jnp.split(mm(y, w["qkv"]), [h_ * hd, (h_ + kv) * hd], axis=1)
+            else:
+                q, k, v = (mm(y, w[n].reshape(w[n].shape[0], -1)) for n in ("q", "k", "v"))
+            q = rope.apply_rotary(q.reshape(bsz, 1, h_, hd), cos, sin)
+            k = rope.apply_rotary(k.reshape(bsz, 1, kv, hd), cos, sin)
+            # [batch, 1, kv, hd] -> [batch, kv, 1, hd]: the new slot, written in place.
+            ck = jax.lax.dynamic_update_slice(ck, jnp.swapaxes(k, 1, 2).astype(ck.dtype),
+                                              (0, 0, cache.index, 0))
+            cv = jax.lax.dynamic_update_slice(cv, v.reshape(bsz, kv, 1, hd).astype(cv.dtype),
+                                              (0, 0, cache.index, 0))
+            new_k.append(ck)
+            new_v.append(cv)
+            # xla_attention for one query, on the [batch, kv, slots, hd] layout.
+            qg = q.reshape(bsz, kv, h_ // kv, hd)
+            scores = jnp.einsum("bkgd,bksd->bkgs", qg, ck.astype(dt),
+                                preferred_element_type=jnp.float32) * (hd ** -0.5)
+            scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
+            probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+            out = jnp.einsum("bkgs,bksd->bkgd", probs, cv.astype(dt)).reshape(bsz, h_ * hd)
+            x = x + mm(out, w["o"])
+            y = rms_norm(x, w["mlp_norm"], eps)
+            if "gate_up" in w:
+                gate, up = jnp.split(mm(y, w["gate_up"]), 2, axis=1)
+            else:
+                gate, up = mm(y, w["gate"]), mm(y, w["up"])
+            x = constrain(x + mm(swiglu(gate, up), w["down"]), ("batch", "act_embed"))
+        x = rms_norm(x, weights["final_norm"], eps)
+        logits = jnp.einsum("bd,dv->bv", x, weights["head"], preferred_element_type=jnp.float32)
+        cache = cache.replace(k=tuple(new_k), v=tuple(new_v), segment_ids=seg,
+                              index=cache.index + 1)
+        return logits, cache
 
     # ------------------------------------------------------------------ internals
     def _layer_params(self) -> dict:
