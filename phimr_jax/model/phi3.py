@@ -19,6 +19,9 @@ Layout choices (all exact w.r.t. HF, see tests/model/test_parity.py):
   short-regime keys therefore keeps the short factors; HF instead drops that sequence's cache
   and re-encodes it with the long factors — the sampler does that re-encode explicitly, per
   row (`needs_reencode`).
+- The sampler's single-token loop runs `decode_step` instead of `decode`: the same math on
+  per-layer weights prepared once (`step_weights`) and a per-layer cache layout (`StepCache`),
+  which took the bench step from 4.6 to ~1.9 ms on CPU (BENCHMARKS.md).
 - Matmuls, RMSNorm and SwiGLU have hand-written backward passes (phimr_jax/model/layers.py):
   same values, but XLA:CPU no longer picks transposed layouts for their gradients, and in
   bfloat16 every backward matmul takes bfloat16 inputs with float32 accumulation.
@@ -262,7 +265,8 @@ class Phi3ForCausalLM(nnx.Module):
         return self.logits(h), cache
 
     def needs_reencode(self, cache: KVCache, next_length) -> jax.Array:
-        """[batch] bool, true for the rows where HF would drop the cache of that sequence:
+        """[batch] bool (cache: a KVCache or StepCache), true for the rows where HF would drop
+        the cache of that sequence:
         keys in the short regime while the row's length (its real tokens, including the one
         about to be fed; an int or [batch] ints) exceeds original_max_position_embeddings."""
         if self.config.rope_type != "longrope":
@@ -271,35 +275,30 @@ class Phi3ForCausalLM(nnx.Module):
 
     def step_weights(self) -> dict:
         """The parameters `decode_step` reads, prepared once per sampling call (outside its
-        loop): per-layer arrays (static slices) in the compute dtype, with q/k/v fused into one
-        [hidden, (heads + 2 kv_heads) * head_dim] matrix and gate/up into one [hidden, 2 mlp]
-        when no mesh is active, and the LM head as [hidden, vocab]. Why (measured on the bench
-        model, 2 CPU cores, per 8-row step): slicing layer l out of the stacked parameters
-        inside the loop copied every weight every step (~1 ms); the bfloat16 model also
-        re-cast its float32 master weights every step; 7 -> 4 matmuls per layer saves their
-        per-call overhead. It costs one copy of the weights in the compute dtype for the
-        duration of the call. Under a mesh the projections stay separate, sharded by heads as
-        in training (a concatenation across tensor-sharded heads would gather them)."""
+        loop): per-layer arrays (static slices) in the compute dtype, projections as 2-D
+        matrices, and the LM head as [hidden, vocab]. Why (measured on the bench model, 2 CPU
+        cores, per 8-row step): slicing layer l out of the stacked parameters inside the loop
+        copied every weight every step (~1 ms), and the bfloat16 model also re-cast its
+        float32 master weights every step. It costs one copy of the weights in the compute
+        dtype for the duration of the call. (Tried: q/k/v and gate/up fused into one matmul
+        each, 7 -> 4 matmuls per layer: within the run-to-run noise, 1.93 vs 1.94 ms per
+        float32 step, so they stay separate and sharded by heads as in training.)"""
         cfg = self.config
         dt = cfg.jnp_dtype
-        d, h, kv, hd = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
-                        cfg.resolved_head_dim)
-        fuse = jax.sharding.get_abstract_mesh().empty
         params = {name: getattr(self, name)[...].astype(dt) for name in LAYER_PARAM_AXES}
         layers = []
         for i in range(cfg.num_layers):
-            p = {name: value[i] for name, value in params.items()}
-            w = {"attn_norm": p["attn_norm"], "mlp_norm": p["mlp_norm"],
-                 "o": p["o"].reshape(h * hd, d), "down": p["down"]}
-            if fuse:
-                w["qkv"] = jnp.concatenate([p["q"].reshape(d, h * hd), p["k"].reshape(
-                    d, kv * hd), p["v"].reshape(d, kv * hd)], axis=1)
-                w["gate_up"] = jnp.concatenate([p["gate"], p["up"]], axis=1)
-            else:
-                w.update({name: p[name] for name in ("q", "k", "v", "gate", "up")})
+            w = {name: value[i] for name, value in params.items()}
+            for name in ("q", "k", "v"):  # [hidden, heads, hd] -> [hidden, heads * hd]
+                w[name] = w[name].reshape(w[name].shape[0], -1)
+            w["o"] = w["o"].reshape(-1, w["o"].shape[-1])  # [heads * hd, hidden]
             layers.append(w)
         embed = self.embed[...].astype(dt)
-        head = embed.T if cfg.tie_word_embeddings else self.lm_head[...].astype(dt)
+        # [hidden, vocab], materialised (the barrier keeps XLA from folding the transpose
+        # into the matmul): [8, 256] x [256, 2048] alone 138 us against 197 us (float32);
+        # ~0.05 ms of a ~1.9 ms bench step.
+        head = jax.lax.optimization_barrier(embed.T) if cfg.tie_word_embeddings else \
+            self.lm_head[...].astype(dt)
         return {"layers": layers, "embed": embed, "head": head,
                 "final_norm": self.final_norm[...]}
 
@@ -329,10 +328,7 @@ class Phi3ForCausalLM(nnx.Module):
         new_k, new_v = [], []
         for w, ck, cv in zip(weights["layers"], cache.k, cache.v):
             y = rms_norm(x, w["attn_norm"], eps)
-            if "qkv" in w:
-                q, k, v = jnp.split(mm(y, w["qkv"]), [h_ * hd, (h_ + kv) * hd], axis=1)
-            else:
-                q, k, v = (mm(y, w[n].reshape(w[n].shape[0], -1)) for n in ("q", "k", "v"))
+            q, k, v = mm(y, w["q"]), mm(y, w["k"]), mm(y, w["v"])
             q = rope.apply_rotary(q.reshape(bsz, 1, h_, hd), cos, sin)
             k = rope.apply_rotary(k.reshape(bsz, 1, kv, hd), cos, sin)
             # [batch, 1, kv, hd] -> [batch, kv, 1, hd]: the new slot, written in place.
@@ -342,7 +338,9 @@ class Phi3ForCausalLM(nnx.Module):
                                               (0, 0, cache.index, 0))
             new_k.append(ck)
             new_v.append(cv)
-            # xla_attention for one query, on the [batch, kv, slots, hd] layout.
+            # xla_attention for one query, on the [batch, kv, slots, hd] layout. (Tried:
+            # the two einsums as float32 multiply-and-sum loops; 3x faster alone, no faster
+            # inside the step, where the weights and cache streaming from L3 dominate.)
             qg = q.reshape(bsz, kv, h_ // kv, hd)
             scores = jnp.einsum("bkgd,bksd->bkgs", qg, ck.astype(dt),
                                 preferred_element_type=jnp.float32) * (hd ** -0.5)
@@ -351,10 +349,7 @@ class Phi3ForCausalLM(nnx.Module):
             out = jnp.einsum("bkgs,bksd->bkgd", probs, cv.astype(dt)).reshape(bsz, h_ * hd)
             x = x + mm(out, w["o"])
             y = rms_norm(x, w["mlp_norm"], eps)
-            if "gate_up" in w:
-                gate, up = jnp.split(mm(y, w["gate_up"]), 2, axis=1)
-            else:
-                gate, up = mm(y, w["gate"]), mm(y, w["up"])
+            gate, up = mm(y, w["gate"]), mm(y, w["up"])
             x = constrain(x + mm(swiglu(gate, up), w["down"]), ("batch", "act_embed"))
         x = rms_norm(x, weights["final_norm"], eps)
         logits = jnp.einsum("bd,dv->bv", x, weights["head"], preferred_element_type=jnp.float32)
