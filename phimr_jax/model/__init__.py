@@ -6,4 +6,4 @@ from phimr_jax.model.phi3 import (KVCache, Phi3ForCausalLM, StepCache, abstract_
                                   param_count)
 
 __all__ = ["ModelConfig", "ConfigError", "CheckpointError", "preset", "Phi3ForCausalLM", "KVCache",
-           "StepCache",            "abstract_model", "init_model", "param_count", "load_hf", "save_hf"]
+           "StepCache", "abstract_model", "init_model", "param_count", "load_hf", "save_hf"]
