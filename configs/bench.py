@@ -41,6 +41,9 @@ def get_config(arg="sampler"):
     c.sampler.prompt_len = 32  # Prompt tokens per row.
     c.sampler.new_tokens = 128  # Generated tokens per row (no early stop).
     c.sampler.repeats = 3  # Timed repetitions; the best is reported.
+    # Our model's compute dtype (float32 master weights either way); the demo presets compute
+    # in bfloat16. HF always runs float32.
+    c.sampler.dtype = "float32"
     # torch thread counts tried for HF (0 = all cores); HF's best is the baseline.
     c.sampler.hf_threads = "1,0"
 

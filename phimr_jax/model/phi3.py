@@ -19,6 +19,9 @@ Layout choices (all exact w.r.t. HF, see tests/model/test_parity.py):
   short-regime keys therefore keeps the short factors; HF instead drops that sequence's cache
   and re-encodes it with the long factors — the sampler does that re-encode explicitly, per
   row (`needs_reencode`).
+- The sampler's single-token loop runs `decode_step` instead of `decode`: the same math on
+  per-layer weights prepared once (`step_weights`) and a per-layer cache layout (`StepCache`),
+  which took the bench step from 4.6 to ~1.9 ms on CPU (BENCHMARKS.md).
 - Matmuls, RMSNorm and SwiGLU have hand-written backward passes (phimr_jax/model/layers.py):
   same values, but XLA:CPU no longer picks transposed layouts for their gradients, and in
   bfloat16 every backward matmul takes bfloat16 inputs with float32 accumulation.
@@ -37,7 +40,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from phimr_jax.model import rope
-from phimr_jax.model.attention import make_attention, xla_attention
+from phimr_jax.model.attention import MASK_VALUE, dense_mask, make_attention, xla_attention
 from phimr_jax.model.config import ModelConfig
 from phimr_jax.model.layers import project, rms_norm, swiglu
 from phimr_jax.model.sharding import constrain
@@ -76,6 +79,47 @@ class KVCache:
     @property
     def max_length(self) -> int:
         return self.k.shape[2]
+
+
+@struct.dataclass
+class StepCache:
+    """The KV cache of the sampler's single-token loop (`Phi3ForCausalLM.decode_step`): the
+    same contents as a `KVCache`, one array per layer in [batch, kv_heads, max_length,
+    head_dim] order. Why not KVCache itself (measured, bench sampler, 2 loaded CPU cores):
+    reading layer l of the stacked [layers, batch, length, kv, hd] cache and putting its KV-head
+    axis before the length for the attention matmuls copied the whole layer every step, about
+    1.7 of the 4.6 ms a step took. Here the attention matmuls read the layer as it is stored,
+    and each step writes one slot per layer in place."""
+
+    k: tuple  # num_layers arrays [batch, kv_heads, max_length, head_dim]
+    v: tuple  # same
+    segment_ids: jax.Array  # [batch, max_length] int32; 0 = empty slot or padding
+    index: jax.Array  # int32 scalar: the next slot to write
+    long_rope: jax.Array  # [batch] bool: LongRoPE regime of each row's cached keys
+
+    @property
+    def max_length(self) -> int:
+        return self.segment_ids.shape[1]
+
+    @classmethod
+    def from_cache(cls, cache: KVCache) -> "StepCache":
+        """The step layout of a filled KVCache (one transpose per layer, once per prefill)."""
+        split = lambda x: tuple(_step_layout(x[i]) for i in range(x.shape[0]))
+        return cls(k=split(cache.k), v=split(cache.v), segment_ids=cache.segment_ids,
+                   index=cache.index, long_rope=cache.long_rope)
+
+    def set_rows(self, rows: jax.Array, fresh: KVCache) -> "StepCache":
+        """Rows `rows` of keys/values replaced by those of `fresh` (a KVCache of len(rows)
+        rows and the same length); out-of-range indices are dropped. Segment ids, index and
+        the regime stay (the caller sets the regime)."""
+        put = lambda old, new: tuple(o.at[rows].set(_step_layout(new[i]), mode="drop")
+                                     for i, o in enumerate(old))
+        return self.replace(k=put(self.k, fresh.k), v=put(self.v, fresh.v))
+
+
+def _step_layout(x: jax.Array) -> jax.Array:
+    """[batch, length, kv, hd] -> [batch, kv, length, hd], sharded like the activations."""
+    return constrain(jnp.swapaxes(x, 1, 2), ("batch", "kv_heads", "cache_length", "head_dim"))
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -221,12 +265,97 @@ class Phi3ForCausalLM(nnx.Module):
         return self.logits(h), cache
 
     def needs_reencode(self, cache: KVCache, next_length) -> jax.Array:
-        """[batch] bool, true for the rows where HF would drop the cache of that sequence:
+        """[batch] bool (cache: a KVCache or StepCache), true for the rows where HF would drop
+        the cache of that sequence:
         keys in the short regime while the row's length (its real tokens, including the one
         about to be fed; an int or [batch] ints) exceeds original_max_position_embeddings."""
         if self.config.rope_type != "longrope":
             return jnp.zeros_like(cache.long_rope)
         return (~cache.long_rope) & (next_length > self.config.original_max_position_embeddings)
+
+    def step_weights(self) -> dict:
+        """The parameters `decode_step` reads, prepared once per sampling call (outside its
+        loop): per-layer arrays (static slices) in the compute dtype, projections as 2-D
+        matrices, and the LM head as [hidden, vocab]. Why (measured on the bench model, 2 CPU
+        cores, per 8-row step): slicing layer l out of the stacked parameters inside the loop
+        copied every weight every step (~1 ms), and the bfloat16 model also re-cast its
+        float32 master weights every step. It costs one copy of the weights in the compute
+        dtype for the duration of the call. (Tried: q/k/v and gate/up fused into one matmul
+        each, 7 -> 4 matmuls per layer: within the run-to-run noise, 1.93 vs 1.94 ms per
+        float32 step, so they stay separate and sharded by heads as in training.)"""
+        cfg = self.config
+        dt = cfg.jnp_dtype
+        params = {name: getattr(self, name)[...].astype(dt) for name in LAYER_PARAM_AXES}
+        layers = []
+        for i in range(cfg.num_layers):
+            w = {name: value[i] for name, value in params.items()}
+            for name in ("q", "k", "v"):  # [hidden, heads, hd] -> [hidden, heads * hd]
+                w[name] = w[name].reshape(w[name].shape[0], -1)
+            w["o"] = w["o"].reshape(-1, w["o"].shape[-1])  # [heads * hd, hidden]
+            layers.append(w)
+        embed = self.embed[...].astype(dt)
+        # [hidden, vocab], materialised (the barrier keeps XLA from folding the transpose
+        # into the matmul): [8, 256] x [256, 2048] alone 138 us against 197 us (float32);
+        # ~0.05 ms of a ~1.9 ms bench step.
+        head = jax.lax.optimization_barrier(embed.T) if cfg.tie_word_embeddings else \
+            self.lm_head[...].astype(dt)
+        return {"layers": layers, "embed": embed, "head": head,
+                "final_norm": self.final_norm[...]}
+
+    def decode_step(self, weights: dict, input_ids: jax.Array, cache: StepCache,
+                    positions: jax.Array, segment_ids: jax.Array):
+        """One token per row on top of `cache`: `decode(input_ids[:, None], ...)` for a cache
+        whose regime is already set, in the step layout. input_ids, positions, segment_ids:
+        [batch] ints; weights: `step_weights()`. Returns (logits [batch, vocab] float32,
+        updated cache). Same math as `_run_layers` (same norms, rotary, float32-accumulated
+        projections, reference attention over every cache slot); only the data layout
+        differs, so the values agree up to matmul summation order."""
+        cfg = self.config
+        dt = cfg.jnp_dtype
+        h_, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+        bsz = input_ids.shape[0]
+        eps = cfg.rms_norm_eps
+        seg = jax.lax.dynamic_update_slice(cache.segment_ids,
+                                           segment_ids.astype(jnp.int32)[:, None],
+                                           (0, cache.index))
+        mask = dense_mask(1, cache.max_length, segment_ids[:, None], seg, cache.index,
+                          cfg.sliding_window)[:, 0]  # [batch, slots], shared by the layers
+        cos, sin = rope.cos_sin(cfg, positions[:, None], cache.long_rope, dt)
+        x = jnp.take(weights["embed"], input_ids, axis=0)
+        x = constrain(x, ("batch", "act_embed"))
+        mm = lambda a, w: jnp.einsum("bd,dn->bn", a, w,
+                                     preferred_element_type=jnp.float32).astype(dt)
+        new_k, new_v = [], []
+        for w, ck, cv in zip(weights["layers"], cache.k, cache.v):
+            y = rms_norm(x, w["attn_norm"], eps)
+            q, k, v = mm(y, w["q"]), mm(y, w["k"]), mm(y, w["v"])
+            q = rope.apply_rotary(q.reshape(bsz, 1, h_, hd), cos, sin)
+            k = rope.apply_rotary(k.reshape(bsz, 1, kv, hd), cos, sin)
+            # [batch, 1, kv, hd] -> [batch, kv, 1, hd]: the new slot, written in place.
+            ck = jax.lax.dynamic_update_slice(ck, jnp.swapaxes(k, 1, 2).astype(ck.dtype),
+                                              (0, 0, cache.index, 0))
+            cv = jax.lax.dynamic_update_slice(cv, v.reshape(bsz, kv, 1, hd).astype(cv.dtype),
+                                              (0, 0, cache.index, 0))
+            new_k.append(ck)
+            new_v.append(cv)
+            # xla_attention for one query, on the [batch, kv, slots, hd] layout. (Tried:
+            # the two einsums as float32 multiply-and-sum loops; 3x faster alone, no faster
+            # inside the step, where the weights and cache streaming from L3 dominate.)
+            qg = q.reshape(bsz, kv, h_ // kv, hd)
+            scores = jnp.einsum("bkgd,bksd->bkgs", qg, ck.astype(dt),
+                                preferred_element_type=jnp.float32) * (hd ** -0.5)
+            scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
+            probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+            out = jnp.einsum("bkgs,bksd->bkgd", probs, cv.astype(dt)).reshape(bsz, h_ * hd)
+            x = x + mm(out, w["o"])
+            y = rms_norm(x, w["mlp_norm"], eps)
+            gate, up = mm(y, w["gate"]), mm(y, w["up"])
+            x = constrain(x + mm(swiglu(gate, up), w["down"]), ("batch", "act_embed"))
+        x = rms_norm(x, weights["final_norm"], eps)
+        logits = jnp.einsum("bd,dv->bv", x, weights["head"], preferred_element_type=jnp.float32)
+        cache = cache.replace(k=tuple(new_k), v=tuple(new_v), segment_ids=seg,
+                              index=cache.index + 1)
+        return logits, cache
 
     # ------------------------------------------------------------------ internals
     def _layer_params(self) -> dict:

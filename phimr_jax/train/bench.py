@@ -85,7 +85,7 @@ def bench_sampler(config: ConfigDict) -> dict:
     import torch
 
     b = config.sampler
-    cfg, model, hf = _ours_and_hf(b)
+    cfg, model, hf = _ours_and_hf(b, dtype=b.get("dtype", "float32"))
     rng = np.random.default_rng(0)
     prompts = rng.integers(4, cfg.vocab_size, size=(b.batch_size, b.prompt_len)).tolist()
     hf.generation_config.eos_token_id = None
@@ -107,7 +107,8 @@ def bench_sampler(config: ConfigDict) -> dict:
     t_ours = _time(ours, b.repeats)
     out = {"bench": "sampler", "device": jax.devices()[0].device_kind,
            "model": b.model_preset, "params": param_count(cfg),
-           "batch": b.batch_size, "prompt_len": b.prompt_len, "new_tokens": b.new_tokens}
+           "batch": b.batch_size, "prompt_len": b.prompt_len, "new_tokens": b.new_tokens,
+           "dtype": model.config.dtype}
     t_hf = _hf_best(theirs, _threads(b.hf_threads), b.repeats, out, tokens)
     out.update({"ours_tokens_per_s": tokens / t_ours, "hf_tokens_per_s": tokens / t_hf,
                 "ratio": t_hf / t_ours, "ours_first_call_s": compile_s,
@@ -125,7 +126,7 @@ def _ours_and_hf(b: ConfigDict, **model_kw):
     with tempfile.TemporaryDirectory() as tmp:
         save_hf(model, tmp)
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-        model = load_hf(tmp)
+        model = load_hf(tmp, compute_dtype=cfg.dtype)  # float32 weights, cfg's compute dtype
     torch.set_num_threads(os.cpu_count() or 1)
     return cfg, model, hf
 
