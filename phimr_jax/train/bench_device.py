@@ -450,12 +450,7 @@ def section_rl_memory(d: ConfigDict, checks: list, out: dict) -> None:
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, value
 
-    start = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, batch).compile()
-    compile_s = time.perf_counter() - start
-    mem = compiled.memory_analysis()
-    xla_peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-                - mem.alias_size_in_bytes)
+    compiled, compile_s, xla_peak = bench.compile_step(step, params, opt_state, batch)
     times = []
     for _ in range(c.steps):
         start = time.perf_counter()
