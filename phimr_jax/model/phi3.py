@@ -38,6 +38,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
+from jax.ad_checkpoint import checkpoint_name
 
 from phimr_jax.model import rope
 from phimr_jax.model.attention import MASK_VALUE, dense_mask, make_attention, xla_attention
@@ -141,12 +142,18 @@ def _over_layers(body, carry, xs, scan: bool):
     return carry
 
 
+_SAVED_BY_DOTS = ("q", "k", "v", "gate", "up")
+
+
 def _remat(fn, policy: str):
     if policy == "none":
         return fn
     if policy == "full":
         return jax.checkpoint(fn)
-    return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    # "dots": keep the q/k/v and gate/up projections (named in `block`), recompute the rest.
+    # Named rather than found by primitive: the projections are custom-VJP functions
+    # (model/layers.py) whose outputs are casts of dots, which a dots policy does not see.
+    return jax.checkpoint(fn, policy=jax.checkpoint_policies.save_only_these_names(*_SAVED_BY_DOTS))
 
 
 class Phi3ForCausalLM(nnx.Module):
@@ -372,17 +379,17 @@ class Phi3ForCausalLM(nnx.Module):
 
         def block(h, p, kv_fn):
             x = rms_norm(h, p["attn_norm"], eps)
-            q = project("btd,dhk->bthk", x, p["q"].astype(dt))
-            k = project("btd,dhk->bthk", x, p["k"].astype(dt))
-            v = project("btd,dhk->bthk", x, p["v"].astype(dt))
+            q = checkpoint_name(project("btd,dhk->bthk", x, p["q"].astype(dt)), "q")
+            k = checkpoint_name(project("btd,dhk->bthk", x, p["k"].astype(dt)), "k")
+            v = checkpoint_name(project("btd,dhk->bthk", x, p["v"].astype(dt)), "v")
             q = rope.apply_rotary(q, cos, sin)
             k = rope.apply_rotary(k, cos, sin)
             k, v, extra = kv_fn(k, v)
             out = attn(q, k, v)
             h = h + project("bthk,hkd->btd", out, p["o"].astype(dt))
             x = rms_norm(h, p["mlp_norm"], eps)
-            gate = project("btd,df->btf", x, p["gate"].astype(dt))
-            up = project("btd,df->btf", x, p["up"].astype(dt))
+            gate = checkpoint_name(project("btd,df->btf", x, p["gate"].astype(dt)), "gate")
+            up = checkpoint_name(project("btd,df->btf", x, p["up"].astype(dt)), "up")
             h = h + project("btf,fd->btd", swiglu(gate, up), p["down"].astype(dt))
             return constrain(h, ("batch", "length", "act_embed")), extra
 

@@ -9,8 +9,8 @@
 - activations: what the backward pass keeps alive for one microbatch of `batch_per_device`
   rows of `seq_len` tokens, counted per token and per layer from the layer's ops
   (phimr_jax/model/phi3.py), by remat policy:
-    none  every intermediate of every layer (norm inputs in f32, q/k/v before and after RoPE,
-          attention output and softmax statistics, the MLP's four [F]-wide tensors, ...);
+    none  what each layer's backward reads (norm inputs and outputs, rotated q/k, v, the
+          attention output and softmax statistics, gate, up and their SwiGLU product);
     dots  the layer input and the matmul outputs the backward reads (q, k, v, gate, up),
           plus one layer's full intermediates while that layer is recomputed;
     full  only each layer's input, plus one layer's full intermediates.
@@ -45,9 +45,11 @@ def _layer_activations(cfg: ModelConfig, t: int, c: int, policy: str) -> tuple[f
     hkv = cfg.num_kv_heads * cfg.resolved_head_dim
     h = cfg.num_heads
     dense_attn = cfg.attention_impl == "xla"
-    # Every intermediate: input h, two norms (f32 copy + output), q/k/v, rotated q/k,
-    # attention output, residual sum, gate/up/silu/product, down output.
-    layer = c * (5 * d + 3 * hq + 3 * hkv + 4 * f) + 4 * 2 * d
+    # What the backward keeps (model/layers.py saves only the inputs of its hand-written
+    # backward passes): each norm's input and output and its f32 inverse RMS (2 x 4 bytes),
+    # rotated q and k, v, the attention output, gate and up, and the SwiGLU product that the
+    # down projection reads.
+    layer = c * (4 * d + 2 * hq + 2 * hkv + 3 * f) + 4 * 2
     # Reference attention: f32 scores + probs kept, f32 d(probs) and d(scores) in the backward;
     # blockwise kernels: the f32 log-sum-exp kept, and four f32 [heads, block, block] blocks
     # (scores, probs, d(probs), d(scores)) live in the backward (per token: / t).
