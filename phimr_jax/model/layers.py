@@ -19,21 +19,21 @@ import jax
 import jax.numpy as jnp
 
 
-def _rms_stats(x, eps):
+def _rms_norm_and_inv(x, weight, eps):
+    """(HF Phi3RMSNorm output, the float32 inverse RMS the backward pass reuses)."""
     x32 = x.astype(jnp.float32)
     inv = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return x32, inv
+    return weight.astype(x.dtype) * (x32 * inv).astype(x.dtype), inv
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _rms_norm(x, weight, eps):
-    x32, inv = _rms_stats(x, eps)
-    return weight.astype(x.dtype) * (x32 * inv).astype(x.dtype)
+    return _rms_norm_and_inv(x, weight, eps)[0]
 
 
 def _rms_norm_fwd(x, weight, eps):
-    x32, inv = _rms_stats(x, eps)
-    return weight.astype(x.dtype) * (x32 * inv).astype(x.dtype), (x, weight, inv)
+    y, inv = _rms_norm_and_inv(x, weight, eps)
+    return y, (x, weight, inv)
 
 
 def _rms_norm_bwd(eps, res, dy):
@@ -66,7 +66,7 @@ def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
 
 
 def _swiglu_fwd(gate, up):
-    return jax.nn.silu(gate) * up, (gate, up)
+    return swiglu(gate, up), (gate, up)
 
 
 def _swiglu_bwd(res, d):

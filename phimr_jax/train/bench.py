@@ -258,6 +258,18 @@ def compile_step(step, *args) -> tuple:
     return compiled, compile_s, peak
 
 
+def timed_steps(compiled, params, opt_state, batch, steps: int) -> tuple:
+    """Run a compiled (params, opt_state, batch) -> (params, opt_state, value) step `steps`
+    times on its own outputs: (params, opt_state, last value, seconds of each step)."""
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        params, opt_state, value = compiled(params, opt_state, batch)
+        jax.block_until_ready(value)
+        times.append(time.perf_counter() - start)
+    return params, opt_state, value, times
+
+
 def bench_train_step(config: ConfigDict) -> dict:
     import optax
 
@@ -297,12 +309,7 @@ def bench_train_step(config: ConfigDict) -> dict:
     est = memory.estimate(cfg, seq_len=b.seq_len, batch_per_device=b.batch_size,
                           chunk_size=b.chunk_size)
     params, opt_state, loss = compiled(params, opt_state, batch)  # warm-up
-    times = []
-    for _ in range(b.steps):
-        start = time.perf_counter()
-        params, opt_state, loss = compiled(params, opt_state, batch)
-        jax.block_until_ready(loss)
-        times.append(time.perf_counter() - start)
+    params, opt_state, loss, times = timed_steps(compiled, params, opt_state, batch, b.steps)
     t = float(np.median(times))
     tokens = b.batch_size * b.seq_len
     n_matmul, per_pair = model_flops_per_token_pair(cfg)

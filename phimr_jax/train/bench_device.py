@@ -451,12 +451,8 @@ def section_rl_memory(d: ConfigDict, checks: list, out: dict) -> None:
         return optax.apply_updates(params, updates), opt_state, value
 
     compiled, compile_s, xla_peak = bench.compile_step(step, params, opt_state, batch)
-    times = []
-    for _ in range(c.steps):
-        start = time.perf_counter()
-        params, opt_state, value = compiled(params, opt_state, batch)
-        jax.block_until_ready(value)
-        times.append(time.perf_counter() - start)
+    params, opt_state, value, times = bench.timed_steps(compiled, params, opt_state, batch,
+                                                        c.steps)
     est = memory.estimate(cfg, seq_len=t, batch_per_device=b, chunk_size=c.chunk_size)
     stats = dev.memory_stats() or {}
     peak_after, limit = stats.get("peak_bytes_in_use"), stats.get("bytes_limit")
