@@ -36,6 +36,7 @@ def _evaluate(config: ConfigDict, run_dir: str, dataset: str, label: str) -> dic
     ev = ConfigDict(config.eval.to_dict())
     ev.checkpoint, ev.dataset, ev.workdir = run_dir, dataset, run_dir
     ev.mesh, ev.sharding_rules = config.mesh, config.sharding_rules
+    ev.seed = config.seed
     out = os.path.join(run_dir, "eval", f"{ev.name}.json")
     if os.path.exists(out):
         with open(out) as f:
@@ -131,6 +132,7 @@ def run(config: ConfigDict) -> list:
         stage = config.stages[name]
         stage.workdir = os.path.join(root, name)
         stage.mesh, stage.sharding_rules = config.mesh, config.sharding_rules
+        stage.seed = config.seed
         _share_wandb(config, stage, root)
         if previous:
             stage.init.checkpoint = previous

@@ -117,7 +117,40 @@ def test_evaluate_uses_the_returned_result_where_no_file_is_written(tmp_path, mo
                           "mean_tokens": 7.0, "pass@1_by_difficulty": {"1": 0.5}},
               "problems": [{"pass@1": 1.0}, {"pass@1": 0.0}]}
     monkeypatch.setattr(evaluation, "run", lambda ev: result)  # returns, writes no file
-    config = ConfigDict({"eval": {"name": "heldout"}, "mesh": {}, "sharding_rules": []})
+    config = ConfigDict({"eval": {"name": "heldout"}, "mesh": {}, "sharding_rules": [],
+                         "seed": 0})
     row = recipe._evaluate(config, str(tmp_path), "problems.jsonl", "+ sft")
     assert row["per_problem"] == [1.0, 0.0] and row["pass@1"] == 0.5
     assert row["by_difficulty"] == {"1": 0.5} and row["k"] == 2
+
+
+def test_recipe_seed_reaches_every_stage_and_the_evaluation(tmp_path, monkeypatch):
+    """--config.seed=N sets every stage's seed (init, data order, the demo corpus and its
+    held-out problems) and the evaluation's sampling seed: the README's three demo tables are
+    seeds 0, 1 and 2 of the same command."""
+    import importlib.util
+
+    from phimr_jax.train import evaluation
+    spec = importlib.util.spec_from_file_location("recipe_cfg", os.path.join(ROOT, "configs",
+                                                                             "recipe.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("demo")
+    config.workdir, config.seed, config.export_dir = str(tmp_path), 2, ""
+    config.stages.midtrain.init.checkpoint = str(tmp_path / "given")  # no start row to build
+    seen = {}
+    def fake_stage(name, stage):
+        os.makedirs(stage.workdir)
+        seen[name] = stage.seed
+    monkeypatch.setattr(recipe, "_run_stage", fake_stage)
+    result = {"summary": {"pass@1": 0.5, "stderr": 0.1, "problems": 1, "samples_per_problem": 1,
+                          "mean_tokens": 5.0}, "problems": [{"pass@1": 0.5}]}
+
+    def fake_eval(ev):
+        seen.setdefault("eval", set()).add(ev.seed)
+        return result
+    monkeypatch.setattr(evaluation, "run", fake_eval)
+    monkeypatch.setattr(recipe, "_plot", lambda *a: None)
+    monkeypatch.setattr(recipe, "_plot_rl", lambda *a: None)
+    recipe.run(config)
+    assert seen == {"midtrain": 2, "sft": 2, "dpo": 2, "rl": 2, "eval": {2}}
