@@ -117,7 +117,7 @@ def data_config() -> ConfigDict:
     # Demo training problems. 30000 is about one epoch of stage 1 (600 steps x 16 packed rows):
     # the model learns the arithmetic instead of memorising answers. Measured in the recipe
     # (same held-out problems): 4000 problems (~7 epochs) gave stage 1 21.0% and the final model
-    # 23.3%; 30000 gave 36.9% and 40.4%.
+    # 23.3%; 30000 gave 36.9% and 40.5%.
     d.demo_train = 30000
     # Demo held-out problems (disjoint from training). With 256, the recipe table's paired
     # standard error of a stage-to-stage change measured 0.9-1.4 points (a row's own: ~2.5).
