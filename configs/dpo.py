@@ -40,7 +40,7 @@ def get_config(arg="demo"):
         c.data.seq_len = 192
         c.data.global_batch_size = 16  # rows = 8 pairs per step
         c.total_steps = 40
-        c.data.max_pairs = 640  # 40 steps x 8 pairs use 320: scoring all 4000 took 45 s.
+        c.data.max_pairs = 640  # 40 steps x 8 pairs use 320; scoring 4000 pairs took 45 s.
         # 1/40 of the demo SFT LR, as the demo RL's. Measured from one stage-2 model of the
         # 30000-problem corpus (paired change of held-out pass@1): 5e-6 +0.3 +- 0.5; 2e-5
         # -1.6 +- 0.9; with an NLL term (RPO, nll_weight 1) 2e-5 -1.2 +- 0.9, 5e-5 (beta 0.5)

@@ -132,17 +132,13 @@ def test_recipe_seed_reaches_every_stage_and_the_evaluation(tmp_path, monkeypatc
     """--config.seed=N sets every stage's seed (init, data order, the demo corpus and its
     held-out problems) and the evaluation's sampling seed: the README's three demo tables are
     seeds 0, 1 and 2 of the same command."""
-    import importlib.util
-
     from phimr_jax.train import evaluation
-    spec = importlib.util.spec_from_file_location("recipe_cfg", os.path.join(ROOT, "configs",
-                                                                             "recipe.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("demo")
+    from tests.test_configs import load
+    config = load("recipe", "demo")
     config.workdir, config.seed, config.export_dir = str(tmp_path), 2, ""
     config.stages.midtrain.init.checkpoint = str(tmp_path / "given")  # no start row to build
     seen = {}
+
     def fake_stage(name, stage):
         os.makedirs(stage.workdir)
         seen[name] = stage.seed
