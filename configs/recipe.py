@@ -4,7 +4,8 @@ paper-style table (markdown + JSON), PNGs of the loss per stage and of RL reward
 and exports the final model as an HF directory. Rerunning skips finished stages.
 
   python -m phimr_jax.main --config=configs/recipe.py --config.workdir=runs/demo
-Stage settings are the stages' own presets, overridable as --config.stages.sft.total_steps=100.
+Stage settings are the stages' own presets, overridable as --config.stages.sft.total_steps=100;
+the seed is the recipe's (--config.seed), set on every stage.
 """
 
 import importlib.util
