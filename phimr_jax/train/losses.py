@@ -13,13 +13,18 @@ import jax.numpy as jnp
 
 
 def token_logprobs(model, batch: dict, chunk_size: int = 1024, *, long_rope=None,
-                   with_entropy: bool = False):
+                   with_entropy: bool = False, temperature=None, vocab_limit=None):
     """(log p(targets | inputs), argmax == target) per token, both [batch, seq] (f32, bool);
     with_entropy: a third output, the entropy of the model's next-token distribution (f32).
 
     batch: "inputs", "targets", and optionally "positions", "segment_ids" ([batch, seq] ints).
     long_rope: None = HF's per-call LongRoPE choice, or a fixed regime (RL scores rollouts with
     the regime the sampler used).
+    temperature: None (the model itself), or [batch] per-row temperatures: log-probs (and the
+    entropy) of softmax(logits / T), the distribution RL samples its rollouts from (as TRL and
+    verl score them); a row's T <= 0 (a padding row) counts as 1.
+    vocab_limit: None, or a (traced) id bound: logits of ids >= it are excluded from the
+    softmax, as the sampler excludes padded embedding rows that no tokenizer produces.
     """
     hidden = model.hidden_states(batch["inputs"], batch.get("positions"),
                                  batch.get("segment_ids"), long_rope=long_rope)
@@ -32,12 +37,18 @@ def token_logprobs(model, batch: dict, chunk_size: int = 1024, *, long_rope=None
         hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
         targets = jnp.pad(targets, ((0, 0), (0, pad)))
     hidden = hidden.reshape(b, n, chunk, d).swapaxes(0, 1)
+    inv_t = None if temperature is None else \
+        1.0 / jnp.where(temperature > 0, temperature, 1.0).astype(jnp.float32)[:, None, None]
     targets = targets.reshape(b, n, chunk).swapaxes(0, 1)
 
     @jax.checkpoint
     def one_chunk(args):
         h, tgt = args
         logits = model.logits(h)  # [b, chunk, vocab] float32
+        if inv_t is not None:
+            logits = logits * inv_t
+        if vocab_limit is not None:
+            logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -1e30)
         picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
         lse = jax.nn.logsumexp(logits, axis=-1)
         out = (picked - lse, jnp.argmax(logits, axis=-1) == tgt)

@@ -52,7 +52,9 @@ CURVES_FILE = "rl_curves.png"
 def _policy_terms(model, batch, chunk_size):
     logp, _, entropy = losses.token_logprobs(model, batch, chunk_size,
                                              long_rope=batch["long_rope"][0] > 0,
-                                             with_entropy=True)
+                                             with_entropy=True,
+                                             temperature=batch["temperature"],
+                                             vocab_limit=batch["vocab_limit"][0])
     return logp, entropy
 
 

@@ -186,12 +186,12 @@ class RolloutIterator:
         self.metrics.update({k: float(counts[k]) for k in METRIC_KEYS if k in counts})
         if not keep.any():
             return 0
-        rows = self._rows(policy.config, prompts, result, rewards, keep)
+        rows = self._rows(policy.config, prompts, result, rewards, keep, temperature)
         self._score(module, rows, result, keep)
         self._minibatches(rows)
         return int(keep.sum())
 
-    def _rows(self, model_config, prompts, result, rewards, keep) -> dict:
+    def _rows(self, model_config, prompts, result, rewards, keep, temperature) -> dict:
         """Right-padded training rows of every response (filtering happens after scoring, so the
         advantages see whole groups)."""
         t, g = int(self.config.data.seq_len), int(self.rl.group_size)
@@ -212,6 +212,10 @@ class RolloutIterator:
         max_prompt = max(len(p["prompt_ids"]) for p in prompts)
         long_rope = rope_regime(model_config, max_prompt + int(self.rl.max_new_tokens))
         rows["long_rope"] = np.full((n,), int(long_rope), np.int32)
+        # The policy trained is the one sampled: softmax(logits / T) (TRL / verl do the same).
+        rows["temperature"] = np.full((n,), temperature, np.float32)
+        # ...over the ids the sampler may draw (`vocab_limit`: not the padded embedding rows).
+        rows["vocab_limit"] = np.full((n,), self.tokenizer.vocab_size, np.int32)
         rows["rewards"] = rewards.reshape(-1).astype(np.float32)
         rows["keep"] = keep.reshape(-1)
         return rows
@@ -223,7 +227,7 @@ class RolloutIterator:
         rows.update(out)
         mask = rows["loss_mask"]
         diffs = []
-        for i, lp in enumerate(result.logprobs):
+        for i, lp in enumerate(result.sampling_logprobs):
             start = int(np.argmax(mask[i] > 0))
             diffs.append(np.max(np.abs(rows["old_logp"][i, start:start + len(lp)] - lp)))
         self.metrics["rollout/sampler_logp_diff"] = float(np.max(diffs))
@@ -256,6 +260,8 @@ class RolloutIterator:
                     batch = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
                              for k, v in batch.items()}
                     batch["long_rope"][len(take):] = batch["long_rope"][0]
+                    batch["temperature"][len(take):] = batch["temperature"][0]
+                    batch["vocab_limit"][len(take):] = batch["vocab_limit"][0]
                 # 1 on the first minibatch after sampling: its importance ratio must be 1.
                 batch["fresh"] = np.full((b,), float(fresh), np.float32)
                 fresh = False
@@ -271,7 +277,9 @@ def make_score_fn(config, layout: str, chunk_rows: int) -> Callable:
 
     @jax.jit
     def policy_logp(model, batch):
-        return token_logprobs(model, batch, chunk, long_rope=batch["long_rope"][0] > 0)[0]
+        return token_logprobs(model, batch, chunk, long_rope=batch["long_rope"][0] > 0,
+                              temperature=batch["temperature"],
+                              vocab_limit=batch["vocab_limit"][0])[0]
 
     @jax.jit
     def values(module, batch):
@@ -283,7 +291,8 @@ def make_score_fn(config, layout: str, chunk_rows: int) -> Callable:
         out = []
         for s in range(0, n, chunk_rows):
             part = {k: rows[k][s:s + chunk_rows] for k in
-                    ("inputs", "targets", "positions", "segment_ids", "long_rope")}
+                    ("inputs", "targets", "positions", "segment_ids", "long_rope", "temperature",
+                              "vocab_limit")}
             short = chunk_rows - len(part["inputs"])
             if short:
                 part = {k: np.concatenate([v, np.repeat(v[-1:], short, axis=0)])

@@ -74,9 +74,11 @@ def _iterator(config, setup, pool, layout="policy", module=None):
     return it
 
 
-def test_rollout_batch_rows_advantages_and_minibatches(setup):
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_rollout_batch_rows_advantages_and_minibatches(setup, temperature):
     tok, model, _ = setup
     config = _config(updates_per_rollout=2)
+    config.rl.temperature.anneal, config.rl.temperature.start = False, temperature
     # Each group: 1 correct of 4 -> accuracy 0.25 <= 0.5 kept; 1 positive + 1 negative trained.
     it = _iterator(config, setup, FakePool([True, False, False, False]))
     first = next(it)
@@ -86,8 +88,10 @@ def test_rollout_batch_rows_advantages_and_minibatches(setup):
     m = it.pop_metrics()
     assert m["rollout/accuracy"] == pytest.approx(0.25)
     assert m["rollout/responses_kept"] == 8 and m["filter/accuracy_dropped"] == 0
-    assert m["rollout/temperature"] == pytest.approx(1.0)
-    assert m["rollout/sampler_logp_diff"] < 1e-4  # sampler == trainer forward (fixed regime)
+    assert m["rollout/temperature"] == pytest.approx(temperature)
+    # The sampler's log q == the trainer's forward at the sampling temperature, over the ids the
+    # sampler may draw (fixed LongRoPE regime).
+    assert m["rollout/sampler_logp_diff"] < 1e-4
     assert first["fresh"].tolist() == [1.0] * 8 and second["fresh"].tolist() == [0.0] * 8
     # Advantages over the WHOLE group [+1, -1, -1, -1] (std ddof=1 = 1), then filtered.
     a_pos, a_neg = 1.5 / (1.0 + obj.STD_EPS), -0.5 / (1.0 + obj.STD_EPS)
@@ -96,10 +100,17 @@ def test_rollout_batch_rows_advantages_and_minibatches(setup):
     # Same 8 responses in both epochs (reshuffled).
     assert sorted(map(tuple, first["inputs"].tolist())) == \
         sorted(map(tuple, second["inputs"].tolist()))
-    # Rows: completion tokens masked in, old log-probs = the loss's own forward.
-    logp, _ = losses.token_logprobs(model, {k: jnp.asarray(first[k]) for k in
-                                            ("inputs", "targets", "positions", "segment_ids")},
-                                    1024, long_rope=True)
+    # Rows: completion tokens masked in, old log-probs = the loss's own forward: softmax of
+    # logits / T over the tokenizer's ids (the tiny model's embedding has more rows than it).
+    assert first["temperature"].tolist() == [pytest.approx(temperature)] * 8
+    assert first["vocab_limit"].tolist() == [tok.vocab_size] * 8 and \
+        tok.vocab_size < model.config.vocab_size
+    inputs = {k: jnp.asarray(first[k]) for k in ("inputs", "targets", "positions", "segment_ids")}
+    logp, _ = losses.token_logprobs(model, inputs, 1024, long_rope=True,
+                                    temperature=jnp.full((8,), temperature),
+                                    vocab_limit=tok.vocab_size)
+    full_vocab_t1, _ = losses.token_logprobs(model, inputs, 1024, long_rope=True)
+    assert np.max(np.abs(np.asarray(full_vocab_t1 - logp) * first["loss_mask"])) > 1e-2
     # tiny's original context is 64 tokens: these rows use the long LongRoPE factors, as the
     # sampler did (rope_regime of longest prompt + max_new_tokens).
     assert first["long_rope"].tolist() == [1] * 8
