@@ -145,7 +145,8 @@ def run(config: ConfigDict) -> list:
             if jax.process_index() == 0:
                 open(done, "w").close()
         previous = stage.workdir
-        if not rows:  # the start model's row, once stage 1 has made the tokenizer it needs
+        if not rows and config.get("eval_start_row", True):
+            # The start model's row, once stage 1 has made the tokenizer it needs.
             start = _start_run(config, root, first)
             if start:
                 rows.append(_evaluate(config, start, dataset, "start (before stage 1)"))

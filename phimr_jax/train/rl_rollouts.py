@@ -51,7 +51,8 @@ METRIC_KEYS = (
     "rollout/truncated_fraction", "rollout/temperature", "rollout/sampler_logp_diff",
     "rollout/responses_kept", "rollout/hard_prompts", "rollout/empty_rollouts",
     "filter/length_kept", "filter/length_dropped", "filter/accuracy_kept",
-    "filter/accuracy_dropped", "time/rollout_s", "time/update_s")
+    "filter/accuracy_dropped", "time/rollout_s", "time/sample_s", "time/grade_s",
+    "time/score_s", "time/update_s")
 
 
 class RolloutIterator:
@@ -148,6 +149,7 @@ class RolloutIterator:
         idx = self.sampler.draw(int(rl.prompts_per_rollout))
         prompts = [self.prompts[i] for i in idx]
         g = int(rl.group_size)
+        t0 = time.perf_counter()
         result = generate(policy, [p["prompt_ids"] for p in prompts],
                           max_new_tokens=int(rl.max_new_tokens), temperature=temperature,
                           top_p=float(rl.top_p), num_samples=g,
@@ -155,10 +157,13 @@ class RolloutIterator:
                           stop_tokens=tok.stop_ids, rope_mode="fixed", pad_id=tok.pad_id,
                           vocab_limit=tok.vocab_size)
         self.rollouts += 1
+        t1 = time.perf_counter()
         texts = [tok.decode(t[:-1] if r == "stop" else t)
                  for t, r in zip(result.tokens, result.finish_reasons)]
         answers = [p["answer"] for p in prompts for _ in range(g)]
         correct = self.pool.grade(texts, answers)
+        t2 = time.perf_counter()
+        self.metrics.update({"time/sample_s": t1 - t0, "time/grade_s": t2 - t1})
         truncated = np.array([r == "length" for r in result.finish_reasons])
         if rl.truncated_is_wrong:
             correct = correct & ~truncated
@@ -187,7 +192,9 @@ class RolloutIterator:
         if not keep.any():
             return 0
         rows = self._rows(policy.config, prompts, result, rewards, keep, temperature)
+        t3 = time.perf_counter()
         self._score(module, rows, result, keep)
+        self.metrics["time/score_s"] = time.perf_counter() - t3
         self._minibatches(rows)
         return int(keep.sum())
 

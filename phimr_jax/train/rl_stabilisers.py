@@ -7,7 +7,8 @@
    group's lengths = coefficient of variation (std / mean, population std); a prompt is kept
    when it is <= `max_length_cv`.
 3. Reward rebalancing: drop prompts whose group accuracy is above `max_accuracy` (default 0.5:
-   too easy to teach anything); in the kept groups keep every positive response and an equal
+   too easy to teach anything; a group with every response correct is dropped at any threshold:
+   its GRPO advantages are all 0); in the kept groups keep every positive response and an equal
    number of randomly chosen negatives (all negatives if there are fewer); oversample hard
    prompts in later batches (`HardPromptSampler`, resumable: its state is a JSON-able dict).
 """
@@ -52,10 +53,12 @@ class Rebalanced:
 
 def rebalance(rewards: np.ndarray, max_accuracy: float, rng: np.random.Generator) -> Rebalanced:
     """rewards: [prompts, group_size], positive = correct. Drops groups whose accuracy exceeds
-    max_accuracy, then keeps all positives plus as many random negatives per group."""
+    max_accuracy (and groups with every response positive, whose advantages are all 0, so that
+    max_accuracy >= 1 means "keep every group that teaches something"), then keeps all positives
+    plus as many random negatives per group."""
     positive = rewards > 0
     accuracy = positive.mean(axis=1)
-    keep_prompt = accuracy <= max_accuracy
+    keep_prompt = (accuracy <= max_accuracy) & (accuracy < 1.0)
     keep = np.zeros_like(positive)
     for p in np.flatnonzero(keep_prompt):
         pos = np.flatnonzero(positive[p])

@@ -120,6 +120,12 @@ def test_rebalancing_keeps_positives_and_as_many_negatives():
     assert m == {"filter/length_kept": 3, "filter/length_dropped": 1,
                  "filter/accuracy_kept": 3, "filter/accuracy_dropped": 1,
                  "filter/responses_kept": 6}
+    # No accuracy cut (the demo's max_accuracy 1.0): a 3-of-4 group keeps its 3 positives and
+    # its one negative; a group with every response correct teaches nothing (all advantages 0).
+    easy = np.array([[1, 1, 1, -1], [1, 1, 1, 1]])
+    out = st.rebalance(easy, max_accuracy=1.0, rng=np.random.default_rng(0))
+    assert out.keep_prompt.tolist() == [True, False]
+    assert out.keep_response.tolist() == [[True] * 4, [False] * 4]
 
 
 def test_hard_prompt_sampler_oversamples_and_resumes():
