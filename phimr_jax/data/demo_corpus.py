@@ -374,6 +374,25 @@ def wrong_solution(record: dict, rng) -> dict:
     return {**record, "solution": wrong["solution"], "rollout_answer": wrong["answer"]}
 
 
+_STEP = re.compile(r"(-?\d+) ([-+×÷]) (-?\d+) = (-?\d+)")
+
+
+def wrong_steps(solution: str) -> int:
+    """How many written steps "a op b = c" of a demo-style solution are false (÷ must be exact).
+
+    A sampled answer can match the gold answer through a false step ("44 ÷ 6 = 6" where the
+    sum was 36): Math-Verify's reward, which reads only the boxed answer, counts it correct.
+    The README's stage-4 section counts such answers per level with this."""
+    bad = 0
+    for a, op, b, c in _STEP.findall(solution):
+        a, b, c = int(a), int(b), int(c)
+        if op == "÷":
+            bad += b == 0 or a != b * c
+        else:
+            bad += _Calc.OPS[op](a, b) != c
+    return bad
+
+
 def corpus_texts(paths: str | Iterable[str]) -> Iterator[str]:
     """Texts to train a tokenizer on: the Phi system text once, then every problem and
     solution of the given JSONL files (read line by line)."""

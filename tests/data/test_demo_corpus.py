@@ -137,3 +137,16 @@ def test_corpus_texts(corpus):
     assert texts[0] == demo_corpus.DEFAULT_SYSTEM
     assert texts[1:] == [t for r in heldout for t in (r["problem"], r["solution"])]
     assert len(list(demo_corpus.corpus_texts(paths["train"]))) == 1 + 2 * len(train)
+
+
+def test_wrong_steps_counts_false_steps_of_gold_and_slipped_solutions(corpus):
+    _, train, _ = corpus
+    assert all(demo_corpus.wrong_steps(r["solution"]) == 0 for r in train[:500])
+    rng = random.Random(3)
+    slipped = [demo_corpus.wrong_solution(r, rng)["solution"] for r in train[:200]]
+    assert all(demo_corpus.wrong_steps(s) >= 1 for s in slipped)
+    # A "correct" answer reached through a false step (a sampled rollout seen in the demo).
+    lucky = ("In total Priya has 7 + 29 = 44 shells. Each friend gets 44 ÷ 6 = 6. "
+             "The answer is \\boxed{6}.")
+    assert demo_corpus.wrong_steps(lucky) == 2  # 7 + 29 is 36, and 44 ÷ 6 is not exact
+    assert demo_corpus.wrong_steps("So 37 + 45 = 82. The answer is \\boxed{82}.") == 0
