@@ -437,7 +437,10 @@ def section_rl_memory(d: ConfigDict, checks: list, out: dict) -> None:
              "ref_logp": np.full((b, t), -2.0, np.float32),
              "advantages": np.ones((b,), np.float32), "fresh": np.ones((b,), np.float32),
              "long_rope": np.full((b,), int(t > cfg.original_max_position_embeddings),
-                                  np.int32)}
+                                  np.int32),
+             # RL scores at the sampling temperature over the tokenizer's ids (rl_rollouts).
+             "temperature": np.full((b,), 0.6, np.float32),
+             "vocab_limit": np.full((b,), cfg.vocab_size, np.int32)}
     batch = jax.tree.map(jnp.asarray, batch)
     loss_fn = functools.partial(grpo_batch_loss, clip_eps=0.2, kl_beta=0.0,
                                 aggregation="token", chunk_size=c.chunk_size)
