@@ -92,10 +92,20 @@ def cos_sin(cfg: ModelConfig, positions: jnp.ndarray, long_rope, dtype) -> tuple
 
 
 def apply_rotary(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
-    """Rotate the first rotary_dim dims of x [batch, seq, heads, head_dim] (rotate_half)."""
+    """Rotate the first rotary_dim dims of x [batch, seq, heads, head_dim] (rotate_half).
+
+    The arithmetic runs in float32 and is rounded to x's dtype once. In float32 that is HF's
+    computation exactly. In bfloat16, HF rounds each product and the sum; one rounding is at
+    least as accurate, and much cheaper where bfloat16 elementwise math is emulated (XLA:CPU
+    converts around every op: the rotary forward + backward was ~10% of the demo model's
+    training step). cos/sin keep their dtype's rounding, as HF's `cos.to(x.dtype)`.
+    """
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
     rot = cos.shape[-1]
     x_rot, x_pass = x[..., :rot], x[..., rot:]
     half = rot // 2
     rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    return jnp.concatenate([x_rot * cos + rotated * sin, x_pass], axis=-1)
+    cos = cos[:, :, None, :].astype(jnp.float32)
+    sin = sin[:, :, None, :].astype(jnp.float32)
+    return jnp.concatenate([x_rot * cos + rotated * sin, x_pass], axis=-1).astype(dtype)
