@@ -225,3 +225,36 @@ def test_kv_cache_is_sharded_by_the_rules():
     assert cache.k.sharding.spec == jax.sharding.PartitionSpec(None, ("data", "fsdp"), None,
                                                                 "tensor")
     assert cache.k.addressable_shards[0].data.shape == (2, 2, 16, 1, 16)
+
+
+def test_pick_draws_what_categorical_draws():
+    """_pick's Gumbel-max with the two-reduction argmax draws jax.random.categorical's tokens
+    for the same key (ties included: the first maximum)."""
+    import jax.numpy as jnp
+    logits = jax.random.normal(jax.random.key(0), (64, 50)) * 3
+    logits = logits.at[:, 7].set(logits[:, 3])  # exact ties
+    for t, seed in ((1.0, 1), (0.6, 2)):
+        key = jax.random.key(seed)
+        tok, _, _ = sampling._pick(logits, key, jnp.float32(t), jnp.float32(1.0), jnp.int32(0),
+                                   jnp.int32(50))
+        want = jax.random.categorical(key, logits / t, axis=-1)
+        np.testing.assert_array_equal(np.asarray(tok), np.asarray(want))
+
+
+def test_cpu_bf16_model_samples_the_same_with_a_float32_cache(monkeypatch):
+    """On CPU a bfloat16 model's sampler keeps its KV cache in float32 (sampling.cache_dtype):
+    the cache holds the same bfloat16 values, so tokens and log-probs equal those of a
+    bfloat16 cache."""
+    import jax.numpy as jnp
+    m = init_model(mc.tiny(initializer_range=0.125, dtype="bfloat16"), seed=5)
+    assert sampling.cache_dtype(m.config) == jnp.float32
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(4, 512, size=n).tolist() for n in (12, 20, 7)]
+    kw = dict(max_new_tokens=24, temperature=0.8, seed=4, stop_tokens=[], num_samples=2)
+    ours = generate(m, prompts, **kw)
+    monkeypatch.setattr(sampling, "cache_dtype", lambda config: config.jnp_dtype)
+    sampling._sample.clear_cache()  # retrace with the bfloat16 cache
+    plain = generate(m, prompts, **kw)
+    sampling._sample.clear_cache()
+    assert ours.tokens == plain.tokens
+    np.testing.assert_allclose(np.array(ours.logprobs), np.array(plain.logprobs), atol=1e-6)
