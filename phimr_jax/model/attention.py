@@ -157,12 +157,17 @@ def _sl(x, start, size, axis=1):
 # matmul, instead of slicing and re-laying-out [B, T, K, G, hd] blocks in every iteration
 # (on 2 CPU cores: forward 18 -> 14 ms, forward + backward 43 -> 35 ms for the demo model's
 # 16 x 256-token layer; BENCHMARKS.md).
+def _query_rows(x, kvh):
+    """Query-shaped [B, T, H, hd] (queries, or their output gradient) -> [B, K, T * G, hd]."""
+    b, tp, h, hd = x.shape
+    return x.reshape(b, tp, kvh, h // kvh, hd).transpose(0, 2, 1, 3, 4).reshape(
+        b, kvh, tp * (h // kvh), hd)
+
+
 def _heads_major(q, k, v):
-    b, tp, h, hd = q.shape
     kvh = k.shape[2]
-    g = h // kvh
-    qh = q.reshape(b, tp, kvh, g, hd).transpose(0, 2, 1, 3, 4).reshape(b, kvh, tp * g, hd)
-    return qh, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), g
+    return (_query_rows(q, kvh), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+            q.shape[2] // kvh)
 
 
 def _tokens_major(xh, tp, h):
@@ -232,7 +237,7 @@ def _flash_bwd(kv_len, causal, window, bq, bk, res, dout):
     kvh, rows = kh.shape[1], bq * g
     nq, nk = tp // bq, sp // bk
     scale = hd ** -0.5
-    doh = _heads_major(dout.astype(q.dtype), k, v)[0]
+    doh = _query_rows(dout.astype(q.dtype), kvh)
     # D_i = sum_d dO_i * O_i (FlashAttention-2's row term), [B, K, T * G] like lse.
     delta = jnp.einsum("bkmd,bkmd->bkm", doh.astype(jnp.float32), out.astype(jnp.float32))
 

@@ -350,9 +350,10 @@ class Phi3ForCausalLM(nnx.Module):
                                               (0, 0, cache.index, 0))
             new_k.append(ck)
             new_v.append(cv)
-            # xla_attention for one query, on the [batch, kv, slots, hd] layout. (Tried:
-            # the two einsums as float32 multiply-and-sum loops; 3x faster alone, no faster
-            # inside the step, where the weights and cache streaming from L3 dominate.)
+            # xla_attention for one query, on the step layout (keys [batch, kv, hd, slots],
+            # values [batch, kv, slots, hd]). (Tried: the two einsums as float32
+            # multiply-and-sum loops; 3x faster alone, no faster inside the step, where the
+            # weights and cache streaming from L3 dominate.)
             # The cache is read in its own dtype: a float32 cache of a bfloat16 model (the
             # sampler's choice on CPU, see sampling.cache_dtype) holds bfloat16 values, so
             # these are the bfloat16 products, accumulated in float32, without a per-step
