@@ -16,9 +16,11 @@ def get_config(arg="demo"):
     c = train_config("dpo")
     c.data = data_config()
     # Pair records: the curate stage's dpo_pairs.jsonl schema.
+    # `prefix` (optional): a step pair, the shared first steps before chosen / rejected next
+    # steps, scored on the step alone (phimr_jax/data/pairs.py).
     c.data.fields = ConfigDict({"problem": "problem", "chosen": "chosen", "rejected": "rejected",
-                                "answer": "answer", "difficulty": "difficulty",
-                                "domain": "domain"})
+                                "prefix": "prefix", "answer": "answer",
+                                "difficulty": "difficulty", "domain": "domain"})
     c.data.eval_pairs = ""  # Held-out pairs for preference accuracy / margin at evaluations.
     c.data.num_epochs = 1  # Paper: 1 epoch.
     # Train on the first N pairs of the files only (0 = all). The reference log-probs are
@@ -30,6 +32,9 @@ def get_config(arg="demo"):
     # Weight of the chosen response's per-token NLL added to the DPO loss (RPO; 0 = plain DPO,
     # the paper's objective). Counters likelihood displacement (phimr_jax/train/dpo.py).
     c.dpo.nll_weight = 0.0
+    # Demo pairs (data.demo): "whole" = the correct solution vs its copy with one slip carried
+    # through; "step" = only the slipped number after their shared prefix (a step pair).
+    c.dpo.demo_pairs = "whole"
     c.optim.warmup_fraction = 0.1
     c.optim.decay = "linear"
     if arg == "demo":

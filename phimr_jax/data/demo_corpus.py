@@ -1,14 +1,21 @@
 """A synthetic grade-school math corpus, so the demos train without downloading anything.
 
-`generate(out_dir, n_train=..., n_heldout=...)` writes `train.jsonl` and `heldout.jsonl` with
-records {"problem", "solution", "answer", "difficulty", "domain"}:
+`generate(out_dir, n_train=..., n_heldout=..., n_fresh=...)` writes `train.jsonl`,
+`heldout.jsonl` and `fresh.jsonl` (problems in neither, for RL prompts) with records {"problem", "solution", "answer", "difficulty", "domain"}:
 
   difficulty 1  one-digit addition / subtraction                          (arithmetic)
   difficulty 2  two-digit addition with a carry, subtraction with a borrow (arithmetic)
-  difficulty 3  two-digit x one-digit multiplication; a + b - c            (arithmetic)
-  difficulty 4  word problems with two operations (x then -, + then ÷)     (word_problem)
-  difficulty 5  (a + b) x c - d; a three-step shopping problem             (expression,
-                                                                            word_problem)
+  difficulty 3  two-digit x one-digit multiplication, column by column     (arithmetic)
+  difficulty 4  word problems: bags (a product, then + a few more); a      (word_problem)
+                shopping bill (two times-table facts, then their sum)
+  difficulty 5  (a + b) x c: a sum, then a column product; the same as a   (expression,
+                word problem about friends                                  word_problem)
+
+Levels 3-5 are chains of the steps levels 1-2 teach plus times-table facts, each written out
+(no multi-digit step done in one go except adding a one-digit number), so a harder level is a
+longer chain of steps the model can learn rather than a step it cannot, and the answers are
+two- or three-digit numbers that a chain with a false step rarely hits by luck (the reward
+only reads the boxed answer; README, "demo recipe").
 
 Each solution is a short chain of thought (under 60 words) whose every step is an exact integer
 operation, ending with "The answer is \\boxed{N}."; answers are non-negative integers written as
@@ -150,88 +157,75 @@ def _sub2(p, c):
             f"borrow, and {tens} - {b // 10} = {rest}. So {a} - {b} = {r}."), r
 
 
-# --- difficulty 3 ---------------------------------------------------------------------------
+# --- difficulties 3-5: column multiplication, then chains built on it --------------------
+# Every step of levels 3-5 is one the model also meets at levels 1-2 (a one-digit fact, a carry
+# added to a small number) or a times-table fact, written column by column like the level-2
+# sums, so a level-k problem is a longer chain of steps the model can learn; its answer is a
+# two- or three-digit number that a wrong step rarely hits by luck.
 def _sample_mul(rng):
-    a = rng.choice([x for x in range(12, 100) if x % 10])
-    return {"a": a, "b": rng.randint(2, 9)}
+    return {"a": rng.choice([x for x in range(12, 100) if x % 10]), "b": rng.randint(2, 9)}
+
+
+def _column_mul(a, b, c):
+    """(steps, product) of a two-digit a times a one-digit b, column by column."""
+    ones = c(a % 10, "×", b)
+    tens = c(a // 10, "×", b)
+    total_tens = c(tens, "+", ones // 10)
+    r = total_tens * 10 + ones % 10
+    return (f"Ones: {a % 10} × {b} = {ones}, write {ones % 10} and carry {ones // 10}. "
+            f"Tens: {a // 10} × {b} = {tens}, plus the carry: {tens} + {ones // 10} = "
+            f"{total_tens}. So {a} × {b} = {r}."), r
 
 
 def _mul(p, c):
-    a, b = p["a"], p["b"]
-    t, o = a // 10 * 10, a % 10
-    p1, p2 = c(t, "×", b), c(o, "×", b)
-    r = c(p1, "+", p2)
-    return (f"Split {a} into {t} + {o}. {t} × {b} = {p1}. {o} × {b} = {p2}. "
-            f"Add the parts: {p1} + {p2} = {r}."), r
+    return _column_mul(p["a"], p["b"], c)
 
 
-def _sample_two_step(rng):
-    a, b = rng.randint(10, 99), rng.randint(10, 99)
-    return {"a": a, "b": b, "c": rng.randint(2, min(99, a + b))}
-
-
-def _two_step(p, c):
-    s = c(p["a"], "+", p["b"])
-    r = c(s, "-", p["c"])
-    return f"First, {p['a']} + {p['b']} = {s}. Then {s} - {p['c']} = {r}.", r
-
-
-# --- difficulty 4 ---------------------------------------------------------------------------
 def _sample_bags(rng):
-    a, b = rng.randint(2, 9), rng.randint(3, 12)
-    return {"name": rng.choice(NAMES), "item": rng.choice(ITEMS), "a": a, "b": b,
-            "c": rng.randint(1, a * b - 1)}
+    return {"name": rng.choice(NAMES), "item": rng.choice(ITEMS), "a": rng.randint(2, 9),
+            "b": rng.choice([x for x in range(12, 100) if x % 10]), "c": rng.randint(1, 9)}
 
 
 def _bags(p, c):
-    total = c(p["a"], "×", p["b"])
-    r = c(total, "-", p["c"])
-    return (f"{p['name']} buys {p['a']} × {p['b']} = {total} {p['item']}. After giving away "
-            f"{p['c']}: {total} - {p['c']} = {r}."), r
-
-
-def _sample_share(rng):
-    a, k = rng.randint(5, 60), rng.randint(2, 9)
-    b = rng.choice([x for x in range(1, 41) if (a + x) % k == 0])
-    return {"name": rng.choice(NAMES), "item": rng.choice(ITEMS), "a": a, "b": b, "c": k}
-
-
-def _share(p, c):
-    s = c(p["a"], "+", p["b"])
-    r = c(s, "÷", p["c"])
-    return (f"In total {p['name']} has {p['a']} + {p['b']} = {s} {p['item']}. "
-            f"Each friend gets {s} ÷ {p['c']} = {r}."), r
-
-
-# --- difficulty 5 ---------------------------------------------------------------------------
-def _sample_paren(rng):
-    a, b, k = rng.randint(2, 30), rng.randint(2, 30), rng.randint(2, 9)
-    return {"a": a, "b": b, "c": k, "d": rng.randint(1, (a + b) * k)}
-
-
-def _paren(p, c):
-    s = c(p["a"], "+", p["b"])
-    m = c(s, "×", p["c"])
-    r = c(m, "-", p["d"])
-    return (f"Parentheses first: {p['a']} + {p['b']} = {s}. Then multiply: {s} × {p['c']} = "
-            f"{m}. Finally subtract: {m} - {p['d']} = {r}."), r
+    steps, total = _column_mul(p["b"], p["a"], c)
+    r = c(total, "+", p["c"])
+    return f"{steps} With {p['c']} more: {total} + {p['c']} = {r}.", r
 
 
 def _sample_shop(rng):
-    a, b, k, d = rng.randint(2, 9), rng.randint(2, 9), rng.randint(2, 9), rng.randint(2, 12)
-    total = a * b + k * d
-    return {"name": rng.choice(NAMES), "a": a, "b": b, "c": k, "d": d,
-            "e": (total // 10 + rng.randint(1, 3)) * 10}
+    return {"name": rng.choice(NAMES), "a": rng.randint(2, 9), "b": rng.randint(2, 9),
+            "c": rng.randint(2, 9), "d": rng.randint(2, 9)}
 
 
 def _shop(p, c):
     pens = c(p["a"], "×", p["b"])
     books = c(p["c"], "×", p["d"])
-    total = c(pens, "+", books)
-    r = c(p["e"], "-", total)
+    r = c(pens, "+", books)
     return (f"Pens cost {p['a']} × {p['b']} = {pens} dollars. Notebooks cost {p['c']} × "
-            f"{p['d']} = {books} dollars. Total: {pens} + {books} = {total} dollars. "
-            f"Change: {p['e']} - {total} = {r} dollars."), r
+            f"{p['d']} = {books} dollars. Total: {pens} + {books} = {r} dollars."), r
+
+
+def _sample_paren(rng):
+    while True:
+        a, b = rng.randint(10, 89), rng.randint(1, 9)
+        if (a + b) % 10:
+            return {"a": a, "b": b, "c": rng.randint(2, 9)}
+
+
+def _paren(p, c):
+    s = c(p["a"], "+", p["b"])
+    steps, r = _column_mul(s, p["c"], c)
+    return f"Parentheses first: {p['a']} + {p['b']} = {s}. {steps}", r
+
+
+def _sample_friends(rng):
+    return {"name": rng.choice(NAMES), "item": rng.choice(ITEMS), **_sample_paren(rng)}
+
+
+def _friends(p, c):
+    s = c(p["a"], "+", p["b"])
+    steps, r = _column_mul(s, p["c"], c)
+    return f"Each friend has {p['a']} + {p['b']} = {s} {p['item']}. {steps}", r
 
 
 def _pair(rng, lo, hi):
@@ -251,19 +245,17 @@ KINDS = (
           _sample_sub2, _sub2, lambda p: p["a"] >= 10 and p["b"] >= 10),
     _Kind("mul", 3, "arithmetic", ("What is {a} × {b}?", "Compute {a} × {b}.",
                                    "Multiply {a} by {b}."), _sample_mul, _mul),
-    _Kind("two_step", 3, "arithmetic", ("Compute {a} + {b} - {c}.", "What is {a} + {b} - {c}?"),
-          _sample_two_step, _two_step),
     _Kind("bags", 4, "word_problem",
-          ("{name} buys {a} bags of {item} with {b} {item} in each bag and gives away {c} "
-           "{item}. How many {item} does {name} have left?",), _sample_bags, _bags),
-    _Kind("share", 4, "word_problem",
-          ("{name} has {a} {item} and gets {b} more. {name} shares them equally among {c} "
-           "friends. How many {item} does each friend get?",), _sample_share, _share),
-    _Kind("paren", 5, "expression", ("Compute ({a} + {b}) × {c} - {d}.",
-                                     "Evaluate ({a} + {b}) × {c} - {d}."), _sample_paren, _paren),
-    _Kind("shop", 5, "word_problem",
-          ("{name} buys {a} pens at {b} dollars each and {c} notebooks at {d} dollars each, "
-           "and pays with {e} dollars. How much change does {name} get?",), _sample_shop, _shop),
+          ("{name} buys {a} bags of {item} with {b} {item} in each bag and finds {c} more "
+           "{item}. How many {item} does {name} have?",), _sample_bags, _bags),
+    _Kind("shop", 4, "word_problem",
+          ("{name} buys {a} pens at {b} dollars each and {c} notebooks at {d} dollars each. "
+           "How much does {name} pay?",), _sample_shop, _shop),
+    _Kind("paren", 5, "expression", ("Compute ({a} + {b}) × {c}.", "Evaluate ({a} + {b}) × {c}."),
+          _sample_paren, _paren),
+    _Kind("friends", 5, "word_problem",
+          ("Each of {c} friends has {a} {item} and gets {b} more. How many {item} do the "
+           "friends have in all?",), _sample_friends, _friends),
 )
 
 
@@ -273,22 +265,30 @@ def _render(kind: _Kind, problem: str, params: dict, calc: _Calc) -> dict:
             "answer": str(answer), "difficulty": kind.difficulty, "domain": kind.domain}
 
 
-def sample_record(rng: random.Random, level: Optional[int] = None) -> dict:
-    """One random record: a uniform difficulty (unless given), then a uniform kind and
-    template within it."""
+def _kind_of_level(rng: random.Random, level: int) -> _Kind:
+    return rng.choice([k for k in KINDS if k.difficulty == level])
+
+
+def sample_record(rng: random.Random, level: Optional[int] = None,
+                  kind: Optional[_Kind] = None) -> dict:
+    """One random record: a uniform difficulty (unless given), then a uniform kind (unless
+    given) and template within it."""
     level = rng.randint(1, 5) if level is None else level
-    kind = rng.choice([k for k in KINDS if k.difficulty == level])
+    kind = kind or _kind_of_level(rng, level)
     params = kind.sample(rng)
     problem = rng.choice(kind.templates).format(**params)
     return _render(kind, problem, params, _Calc())
 
 
 def _draw(rng: random.Random, level: int, avoid: tuple[set[str], ...],
-          tries: int) -> Optional[dict]:
-    """A record of `level` whose problem is in none of `avoid` (retries keep the level, so
-    rejecting repeats does not skew the difficulty spread)."""
+          tries: int, kind: Optional[_Kind] = None) -> Optional[dict]:
+    """A record of `level` whose problem is in none of `avoid` (retries keep the level and the
+    kind, so rejecting repeats skews neither the difficulty spread nor the mix of kinds: a
+    kind with fewer distinct problems, such as subtraction with a borrow, would otherwise lose
+    its share as it fills up)."""
+    kind = kind or _kind_of_level(rng, level)
     for _ in range(tries):
-        record = sample_record(rng, level)
+        record = sample_record(rng, level, kind)
         if not any(record["problem"] in s for s in avoid):
             return record
     return None
@@ -325,16 +325,41 @@ def _write_jsonl(path: str, records: Iterable[dict]) -> None:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def generate(out_dir: str, *, n_train: int, n_heldout: int, seed: int = 0) -> dict[str, str]:
-    """Write out_dir/train.jsonl and out_dir/heldout.jsonl; returns {"train": path, ...}."""
+def _fresh(rng: random.Random, n: int, train: set[str], heldout: set[str]) -> list[dict]:
+    """Problems in neither split (RL prompts the model has not been trained on), as far as the
+    kind has any left; a used-up kind (one-digit sums, the 648 products) repeats train
+    problems, never held-out ones, so every kind keeps its share."""
+    records, seen = [], set()
+    for _ in range(n):
+        level = rng.randint(1, 5)
+        kind = _kind_of_level(rng, level)
+        record = _draw(rng, level, (seen, train, heldout), tries=20, kind=kind)
+        if record is None:  # the kind is used up: a train problem of it, never a held-out one
+            record = _draw(rng, level, (heldout,), tries=1000, kind=kind)
+        if record is None:
+            raise ValueError("cannot draw fresh problems outside the held-out set")
+        seen.add(record["problem"])
+        records.append(record)
+    return records
+
+
+def generate(out_dir: str, *, n_train: int, n_heldout: int, n_fresh: int = 0,
+             seed: int = 0) -> dict[str, str]:
+    """Write out_dir/train.jsonl, heldout.jsonl and fresh.jsonl (`n_fresh` problems outside
+    both where the level allows: the demo's RL prompts); returns {"train": path, ...}. The
+    held-out problems are drawn first, then train, then fresh, so train and held-out do not
+    depend on n_fresh."""
     rng = random.Random(seed)
     heldout = _heldout(rng, n_heldout)
-    train = _train(rng, n_train, {r["problem"] for r in heldout})
+    held = {r["problem"] for r in heldout}
+    train = _train(rng, n_train, held)
+    fresh = _fresh(rng, n_fresh, {r["problem"] for r in train}, held)
     os.makedirs(out_dir, exist_ok=True)
-    paths = {"train": os.path.join(out_dir, "train.jsonl"),
-             "heldout": os.path.join(out_dir, "heldout.jsonl")}
+    paths = {split: os.path.join(out_dir, f"{split}.jsonl")
+             for split in ("train", "heldout", "fresh")}
     _write_jsonl(paths["train"], train)
     _write_jsonl(paths["heldout"], heldout)
+    _write_jsonl(paths["fresh"], fresh)
     return paths
 
 
@@ -372,6 +397,31 @@ def wrong_solution(record: dict, rng) -> dict:
     else:  # e.g. a slip swallowed by a floor division: slip the last step instead
         wrong = _render(kind, record["problem"], params, _Calc(counter.count - 1, 1))
     return {**record, "solution": wrong["solution"], "rollout_answer": wrong["answer"]}
+
+
+def first_slip(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """(prefix, chosen step, rejected step) of a correct solution and its slipped copy: the
+    shared text up to the number where they first differ (cut before that number's space, where
+    a tokeniser starts a new token), then that number on each side ("… 6 × 8 =", " 48", " 49").
+    A step pair for DPO (`data/pairs.py`): it scores the slip and not the later steps that
+    consistently carry it on."""
+    i = next((k for k, (a, b) in enumerate(zip(chosen, rejected)) if a != b),
+             min(len(chosen), len(rejected)))
+    if i == len(chosen) == len(rejected):
+        raise ValueError("the two solutions are the same")
+    number = "0123456789-"
+    while i and chosen[i - 1] in number:
+        i -= 1
+    if i and chosen[i - 1] == " ":
+        i -= 1
+
+    def step(text):
+        end = i + 1 if text[i:i + 1] == " " else i
+        while end < len(text) and text[end] in number:
+            end += 1
+        return text[i:end]
+
+    return chosen[:i], step(chosen), step(rejected)
 
 
 _STEP = re.compile(r"(-?\d+) ([-+×÷]) (-?\d+) = (-?\d+)")

@@ -5,6 +5,13 @@ right-padded to seq_len with the loss mask on the completion (its tokens and fin
 rows 2i (chosen) and 2i+1 (rejected) of a batch belong to pair i, and the batch carries each
 row's reference log-probability (`ref_logp`, [2 * pairs]) looked up by the pair's index.
 
+A record with a `prefix` is a step pair (Step-DPO, Lai et al. 2024): the solution's shared
+first steps, then one chosen and one rejected next step. Both rows are
+`prompt_ids(problem) + ids(prefix + step)` with the loss mask on the step's tokens only (the
+prefix is context, identical on both sides) and no <|end|> (the solution goes on). Whole
+rollouts score every completion token, so the consistent steps that follow a rejected
+rollout's slip are pushed down with it; a step pair scores the slip alone.
+
 Pairs with either side longer than seq_len are dropped and counted, never truncated.
 """
 
@@ -16,7 +23,7 @@ from typing import Optional
 import grain
 import numpy as np
 
-from phimr_jax.data.pipelines import PadRow, example_arrays
+from phimr_jax.data.pipelines import PadRow, example_arrays, masked_arrays
 from phimr_jax.data.tokenizers import ChatTokenizer
 
 
@@ -36,11 +43,28 @@ def pair_rows(tokenizer: ChatTokenizer, record: dict, seq_len: int) -> Optional[
     pad = PadRow(seq_len, tokenizer.pad_id)
     rows = []
     for side in ("chosen", "rejected"):
-        ex = example_arrays(tokenizer, {"problem": record["problem"], "solution": record[side]})
+        if record.get("prefix"):
+            ex = step_arrays(tokenizer, record["problem"], record["prefix"], record[side])
+        else:
+            ex = example_arrays(tokenizer, {"problem": record["problem"],
+                                            "solution": record[side]})
         if len(ex["inputs"]) > seq_len:
             return None
         rows.append(pad(ex))
     return {k: np.stack([rows[0][k], rows[1][k]]) for k in rows[0]}
+
+
+def step_arrays(tokenizer: ChatTokenizer, problem: str, prefix: str, step: str) -> dict:
+    """Example arrays of a step pair's side: prefix + step after the prompt, the loss mask on
+    the step's tokens (those past the prefix's own tokenisation), no <|end|>."""
+    context = tokenizer.encode(prefix)
+    ids = tokenizer.encode(prefix + step)
+    if ids[:len(context)] != context or len(ids) == len(context):
+        raise ValueError(f"step {step!r} does not extend the tokens of prefix {prefix!r} (cut "
+                         "the prefix where the tokeniser starts a new token, e.g. before a "
+                         "space)")
+    prompt = tokenizer.prompt_ids(problem)
+    return masked_arrays(prompt + ids, len(prompt) + len(context))
 
 
 def kept_pairs(source, tokenizer: ChatTokenizer, seq_len: int, shard_index: int = 0,

@@ -85,9 +85,15 @@ def example_arrays(tokenizer: ChatTokenizer, record: dict) -> dict[str, np.ndarr
 
 
 def _arrays(prompt: list[int], completion: list[int]) -> dict[str, np.ndarray]:
-    ids = np.asarray(prompt + completion, dtype=np.int32)
+    return masked_arrays(prompt + completion, len(prompt))
+
+
+def masked_arrays(ids: list[int], first_scored: int) -> dict[str, np.ndarray]:
+    """inputs/targets/loss_mask of one token sequence whose tokens from `first_scored` on are
+    scored (targets[t] = ids[t + 1], so the mask starts at first_scored - 1)."""
+    ids = np.asarray(ids, dtype=np.int32)
     loss_mask = np.zeros(len(ids) - 1, dtype=np.float32)
-    loss_mask[len(prompt) - 1:] = 1.0  # targets[t] = ids[t + 1] is a completion token
+    loss_mask[first_scored - 1:] = 1.0
     return {"inputs": ids[:-1], "targets": ids[1:], "loss_mask": loss_mask}
 
 

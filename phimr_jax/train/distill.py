@@ -52,11 +52,12 @@ def publish(out_dir: str, names: tuple, make) -> None:
 def demo_paths(config: ConfigDict) -> dict:
     """Generate (once, deterministically) the demo corpus under workdir/demo_data."""
     out = os.path.join(os.path.abspath(config.workdir), "demo_data")
-    paths = {"train": os.path.join(out, "train.jsonl"), "heldout": os.path.join(out, "heldout.jsonl")}
+    paths = {split: os.path.join(out, f"{split}.jsonl") for split in ("train", "heldout", "fresh")}
     if not all(os.path.exists(p) for p in paths.values()):
-        publish(out, ("heldout.jsonl", "train.jsonl"), lambda tmp: demo_corpus.generate(
-            tmp, n_train=config.data.demo_train, n_heldout=config.data.demo_heldout,
-            seed=config.seed))
+        publish(out, ("heldout.jsonl", "train.jsonl", "fresh.jsonl"),
+                lambda tmp: demo_corpus.generate(
+                    tmp, n_train=config.data.demo_train, n_heldout=config.data.demo_heldout,
+                    n_fresh=config.data.get("demo_fresh", 0), seed=config.seed))
     return paths
 
 

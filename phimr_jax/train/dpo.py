@@ -94,29 +94,40 @@ def pair_weight(batch: dict) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------- data
+DEMO_PAIRS = ("whole", "step")
+
+
 def _demo_pairs(config: ConfigDict) -> dict:
-    """Demo pairs from the synthetic corpus: the correct solution vs the generator's deliberate
-    arithmetic mistake, for the training and the held-out problems."""
+    """Demo pairs from the synthetic corpus, for the training and the held-out problems: the
+    correct solution vs the generator's deliberate arithmetic mistake (`dpo.demo_pairs`
+    "whole"), or only the first step where they differ, after their shared prefix ("step")."""
+    mode = config.dpo.get("demo_pairs", "whole")
+    if mode not in DEMO_PAIRS:
+        raise ValueError(f"dpo.demo_pairs must be one of {DEMO_PAIRS}, got {mode!r}")
     paths = distill.demo_paths(config)
     out = {}
     for split, src in (("train", paths["train"]), ("heldout", paths["heldout"])):
-        name = f"pairs_{split}.jsonl"
+        name = f"pairs_{split}.jsonl" if mode == "whole" else f"pairs_{mode}_{split}.jsonl"
         out_dir = os.path.dirname(src)
         if not os.path.exists(os.path.join(out_dir, name)):
             rng = random.Random(config.seed + (split == "heldout"))
             distill.publish(out_dir, (name,), lambda tmp: _write_demo_pairs(
-                src, os.path.join(tmp, name), rng))
+                src, os.path.join(tmp, name), rng, steps=mode == "step"))
         out[split] = os.path.join(out_dir, name)
     return out
 
 
-def _write_demo_pairs(src: str, dst: str, rng: random.Random) -> None:
+def _write_demo_pairs(src: str, dst: str, rng: random.Random, steps: bool = False) -> None:
     with open(src) as f, open(dst, "w") as g:
         for line in f:
             rec = json.loads(line)
             wrong = demo_corpus.wrong_solution(rec, rng)
-            g.write(json.dumps({"problem": rec["problem"], "chosen": rec["solution"],
-                                "rejected": wrong["solution"], "answer": rec["answer"],
+            pair = {"chosen": rec["solution"], "rejected": wrong["solution"]}
+            if steps:
+                prefix, chosen, rejected = demo_corpus.first_slip(rec["solution"],
+                                                                  wrong["solution"])
+                pair = {"prefix": prefix, "chosen": chosen, "rejected": rejected}
+            g.write(json.dumps({"problem": rec["problem"], **pair, "answer": rec["answer"],
                                 "difficulty": rec["difficulty"], "domain": rec["domain"]}) + "\n")
 
 

@@ -106,8 +106,12 @@ def batch_weight(batch, *, aggregation):
 
 # ---------------------------------------------------------------------------- data
 def prompt_files(config: ConfigDict) -> tuple[str, str]:
-    """(RL prompt files, held-out files): configured, or the demo corpus."""
-    return distill.data_files(config)
+    """(RL prompt files, held-out files): configured, or the demo corpus' fresh problems (ones
+    stages 1-3 never trained on, as the paper's RL prompts are new to the policy)."""
+    files, heldout = distill.data_files(config)
+    if config.data.demo and not config.data.train_files:
+        files = distill.demo_paths(config)["fresh"]
+    return files, heldout
 
 
 def load_prompts(config: ConfigDict, tokenizer) -> tuple[list, dict]:

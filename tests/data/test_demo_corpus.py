@@ -38,13 +38,11 @@ def _independent_answer(problem: str) -> int:
     if problem.startswith("Multiply"):
         return nums[0] * nums[1]
     if "bags of" in problem:
-        return nums[0] * nums[1] - nums[2]
-    if "shares them equally" in problem:
-        total = nums[0] + nums[1]
-        assert total % nums[2] == 0
-        return total // nums[2]
+        return nums[0] * nums[1] + nums[2]
     if "pens at" in problem:
-        return nums[4] - (nums[0] * nums[1] + nums[2] * nums[3])
+        return nums[0] * nums[1] + nums[2] * nums[3]
+    if "friends has" in problem:
+        return nums[0] * (nums[1] + nums[2])
     raise AssertionError(f"unknown problem family: {problem}")
 
 
@@ -94,6 +92,25 @@ def test_splits_disjoint_and_deterministic(corpus, tmp_path):
             assert f1.read() == f2.read()
     other = demo_corpus.generate(str(tmp_path / "b"), n_train=50, n_heldout=10, seed=4)
     assert _read(other["train"])[:10] != train[:10]
+
+
+def test_fresh_problems_are_new_where_the_kind_has_room_and_never_held_out(tmp_path):
+    paths = demo_corpus.generate(str(tmp_path), n_train=3000, n_heldout=200, n_fresh=600,
+                                 seed=1)
+    train, heldout, fresh = (_read(paths[s]) for s in ("train", "heldout", "fresh"))
+    assert len(fresh) == 600
+    assert not {r["problem"] for r in fresh} & {r["problem"] for r in heldout}
+    seen = {r["problem"] for r in train}
+    kinds = collections.Counter(demo_corpus._find_kind(r["problem"])[0].name for r in fresh)
+    assert set(kinds) == {k.name for k in demo_corpus.KINDS}
+    assert min(kinds.values()) > 0.4 * 600 / 10  # uniform levels, then kinds within a level
+    # The word problems and expressions have room: all new. One-digit sums are used up by
+    # train (~600 distinct problems): repeats.
+    assert all(r["problem"] not in seen for r in fresh if r["difficulty"] >= 4)
+    assert any(r["problem"] in seen for r in fresh if r["difficulty"] == 1)
+    # Adding fresh problems leaves train and held-out as they were.
+    plain = demo_corpus.generate(str(tmp_path / "plain"), n_train=3000, n_heldout=200, seed=1)
+    assert _read(plain["train"]) == train and _read(plain["heldout"]) == heldout
 
 
 def test_large_train_repeats_only_easy_problems(tmp_path):
@@ -150,3 +167,20 @@ def test_wrong_steps_counts_false_steps_of_gold_and_slipped_solutions(corpus):
              "The answer is \\boxed{6}.")
     assert demo_corpus.wrong_steps(lucky) == 2  # 7 + 29 is 36, and 44 ÷ 6 is not exact
     assert demo_corpus.wrong_steps("So 37 + 45 = 82. The answer is \\boxed{82}.") == 0
+
+
+def test_first_slip_cuts_both_solutions_at_the_slipped_number(corpus):
+    _, train, _ = corpus
+    rng = random.Random(5)
+    for r in train[:300]:
+        w = demo_corpus.wrong_solution(r, rng)
+        prefix, chosen, rejected = demo_corpus.first_slip(r["solution"], w["solution"])
+        assert r["solution"].startswith(prefix + chosen)
+        assert w["solution"].startswith(prefix + rejected)
+        assert chosen != rejected and re.fullmatch(r" -?\d+", chosen) and re.fullmatch(
+            r" -?\d+", rejected)
+        # Every written step before the slip is right; the slipped one is the first false one.
+        assert demo_corpus.wrong_steps(prefix + chosen) == 0
+        assert demo_corpus.wrong_steps(prefix + rejected) == 1
+    assert demo_corpus.first_slip("9 × 6 = 54.", "9 × 6 = 64.") == ("9 × 6 =", " 54", " 64")
+    assert demo_corpus.first_slip("So 5 - 3 = 2.", "So 5 - 3 = -8.") == ("So 5 - 3 =", " 2", " -8")

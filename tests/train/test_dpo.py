@@ -84,6 +84,31 @@ def test_pair_loss_scores_completion_tokens_only():
     assert float(total) == pytest.approx(math.log(2) + 0.5 * nll, rel=1e-5)
 
 
+def test_step_pair_scores_the_step_alone():
+    """A pair with a `prefix`: both rows carry prompt + prefix + step, the mask covers the
+    step's tokens only (no <|end|>), and the shared prefix adds nothing to the DPO margin."""
+    from phimr_jax.data.tokenizers import load_tokenizer
+    tok = load_tokenizer("sentencepiece", sp_model())
+    model = init_model(mc.tiny(initializer_range=0.125), seed=0)
+    rec = {"problem": "What is 12 + 3?", "prefix": "Ones: 2 + 3 =", "chosen": " 5",
+           "rejected": " 6"}
+    rows = pair_rows(tok, rec, 128)
+    prompt, context = tok.prompt_ids(rec["problem"]), tok.encode(rec["prefix"])
+    logp = jax.nn.log_softmax(np.asarray(model(rows["inputs"], segment_ids=rows["segment_ids"])))
+    seq = np.asarray(sequence_logps(model, {k: jnp.asarray(v) for k, v in rows.items()}, 16))
+    for r, side in enumerate(("chosen", "rejected")):
+        ids = tok.encode(rec["prefix"] + rec[side])
+        assert ids[:len(context)] == context and tok.end_id not in ids
+        mask = rows["loss_mask"][r] > 0
+        assert np.flatnonzero(mask).tolist() == list(
+            range(len(prompt) + len(context) - 1, len(prompt) + len(ids) - 1))
+        assert rows["targets"][r][mask].tolist() == ids[len(context):]
+        want = float(logp[r, np.arange(128), rows["targets"][r]][mask].sum())
+        assert seq[r] == pytest.approx(want, abs=1e-3)
+    with pytest.raises(ValueError, match="does not extend"):
+        pair_rows(tok, dict(rec, prefix="The ans", chosen="wer is 5"), 128)
+
+
 def test_kept_pairs_limit_takes_the_first_pairs_of_every_shard():
     from phimr_jax.data.pairs import kept_pairs
     from phimr_jax.data.tokenizers import load_tokenizer

@@ -210,6 +210,19 @@ def _prompt_file(tmp_path):
     return write_jsonl(str(tmp_path / "prompts.jsonl"), rows)
 
 
+def test_demo_rl_prompts_are_the_fresh_problems(tmp_path):
+    """The demo's RL prompts are the corpus' fresh split (not the problems stages 1-2 trained
+    on, nor the held-out ones); configured prompt files win."""
+    c = load("rl", "demo")
+    c.workdir = str(tmp_path / "rl")
+    c.data.demo_train, c.data.demo_heldout, c.data.demo_fresh = 300, 20, 100
+    files, heldout = rl.prompt_files(c)
+    assert files.endswith("demo_data/fresh.jsonl") and heldout.endswith("heldout.jsonl")
+    assert len(open(files).readlines()) == 100
+    c.data.train_files = "mine.jsonl"
+    assert rl.prompt_files(c)[0] == "mine.jsonl"
+
+
 def test_rl_without_init_starts_from_the_dpo_run_beside_it(tmp_path):
     c = load("rl", "demo")
     c.workdir = str(tmp_path / "runs" / "demo" / "rl")
