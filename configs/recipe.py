@@ -71,7 +71,7 @@ def _smoke(c):
             stage.eval_every_steps = 4  # Once, at the end.
         if "eval_at_start" in stage:
             stage.eval_at_start = False
-        small = {"demo_train": 300, "demo_heldout": 16, "eval_problems": 4,
+        small = {"demo_train": 300, "demo_heldout": 16, "demo_fresh": 64, "eval_problems": 4,
                  "eval_max_new_tokens": 16}
         for key, value in small.items():
             if "data" in stage and key in stage.data:
