@@ -1,7 +1,8 @@
 """A synthetic grade-school math corpus, so the demos train without downloading anything.
 
 `generate(out_dir, n_train=..., n_heldout=..., n_fresh=...)` writes `train.jsonl`,
-`heldout.jsonl` and `fresh.jsonl` (problems in neither, for RL prompts) with records {"problem", "solution", "answer", "difficulty", "domain"}:
+`heldout.jsonl` and `fresh.jsonl` (problems in neither, for RL prompts) with records
+{"problem", "solution", "answer", "difficulty", "domain"}:
 
   difficulty 1  one-digit addition / subtraction                          (arithmetic)
   difficulty 2  two-digit addition with a carry, subtraction with a borrow (arithmetic)
@@ -327,7 +328,7 @@ def _write_jsonl(path: str, records: Iterable[dict]) -> None:
 
 def _fresh(rng: random.Random, n: int, train: set[str], heldout: set[str]) -> list[dict]:
     """Problems in neither split (RL prompts the model has not been trained on), as far as the
-    kind has any left; a used-up kind (one-digit sums, the 648 products) repeats train
+    kind has any left; a used-up kind (one-digit sums, the 640 products) repeats train
     problems, never held-out ones, so every kind keeps its share."""
     records, seen = [], set()
     for _ in range(n):
@@ -346,7 +347,7 @@ def _fresh(rng: random.Random, n: int, train: set[str], heldout: set[str]) -> li
 def generate(out_dir: str, *, n_train: int, n_heldout: int, n_fresh: int = 0,
              seed: int = 0) -> dict[str, str]:
     """Write out_dir/train.jsonl, heldout.jsonl and fresh.jsonl (`n_fresh` problems outside
-    both where the level allows: the demo's RL prompts); returns {"train": path, ...}. The
+    both where the kind allows: the demo's RL prompts); returns {"train": path, ...}. The
     held-out problems are drawn first, then train, then fresh, so train and held-out do not
     depend on n_fresh."""
     rng = random.Random(seed)

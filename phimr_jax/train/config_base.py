@@ -122,7 +122,7 @@ def data_config() -> ConfigDict:
     # Demo held-out problems (disjoint from training). With 256, the recipe table's paired
     # standard error of a stage-to-stage change measured 0.9-1.4 points (a row's own: ~2.5).
     d.demo_heldout = 256
-    # Demo "fresh" problems, in neither split where the level has any left: the RL stage's
+    # Demo "fresh" problems, in neither split where the kind has any left: the RL stage's
     # prompts, new to the policy as the paper's RL prompts are (on the training problems, which
     # stages 1-2 had just fitted, rollouts were 82-93% right at T 1.0 against 73% held-out).
     d.demo_fresh = 4096
