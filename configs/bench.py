@@ -84,7 +84,7 @@ def get_config(arg="sampler"):
         c.train_step.dtype = "bfloat16"
         c.train_step.attention_impl = "blockwise"
     if arg in ("device", "device_smoke"):
-        c.stage = "bench_device"  # phimr_jax/train/bench_device.py (see main.py STAGES).
+        c.stage = "bench_device"  # phimr_jax/tools/bench_device.py (see main.py STAGES).
         c.device = device_config(c.train_step, smoke=arg == "device_smoke")
     return c
 
@@ -95,7 +95,7 @@ def _ramp(n, lo, hi):
 
 
 def device_config(train_step: ConfigDict, smoke: bool) -> ConfigDict:
-    """The one-command GPU check (phimr_jax/train/bench_device.py). `device`: the sizes for one
+    """The one-command GPU check (phimr_jax/tools/bench_device.py). `device`: the sizes for one
     H200 within 8 minutes; `device_smoke`: the same code at toy sizes for the CPU test suite."""
     d = ConfigDict()
     # Sections run in this order; each is guarded, so one failure still reports the others.
@@ -146,7 +146,7 @@ def device_config(train_step: ConfigDict, smoke: bool) -> ConfigDict:
     d.ceilings.bandwidth_mib = 16 if smoke else 4096  # Array streamed by the bandwidth probes.
     d.ceilings.repeats = 2 if smoke else 10  # Best of this many timings.
 
-    # The train step: configs' `train_step` bench (phimr_jax/train/bench.py) at Phi-4-mini shape.
+    # The train step: configs' `train_step` bench (phimr_jax/tools/bench.py) at Phi-4-mini shape.
     d.train_step = ConfigDict(train_step.to_dict())
     d.train_step.model_overrides = ConfigDict()  # (update() would merge into SMALL_PHI)
     if smoke:

@@ -5,13 +5,13 @@
   (or --config.teacher.hf_dir=DIR / --config.teacher.checkpoint=RUN --config.problems=P.jsonl to
   sample the rollouts here; or the `demo` preset, which builds its input from the demo corpus)
 Writes workdir/{midtrain,sft,dpo_pairs}.jsonl and report.json; a rerun resumes (see
-phimr_jax/train/curate.py).
+phimr_jax/stages/curate.py).
 """
 
 from ml_collections import ConfigDict
 
 from phimr_jax.train.config_base import base_config
-from phimr_jax.train.inference import sampling_config
+from phimr_jax.evaluation.inference import sampling_config
 
 
 def get_config(arg=None):

@@ -30,7 +30,7 @@ def get_config(arg="demo"):
     c.dpo.beta = 0.1  # DPO temperature. Not published; 0.1 = the TRL / Tunix / EasyDeL default.
     c.dpo.label_smoothing = 0.0  # Conservative DPO: assumed rate of flipped preferences.
     # Weight of the chosen response's per-token NLL added to the DPO loss (RPO; 0 = plain DPO,
-    # the paper's objective). Counters likelihood displacement (phimr_jax/train/dpo.py).
+    # the paper's objective). Counters likelihood displacement (phimr_jax/stages/dpo.py).
     c.dpo.nll_weight = 0.0
     # Demo pairs (data.demo): "whole" = the correct solution vs its copy with one slip carried
     # through; "step" = only the slipped number after their shared prefix (a step pair).

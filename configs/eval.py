@@ -7,7 +7,7 @@ gpqa (8 samples, multiple choice), demo (the demo corpus' held-out file, greedy-
 """
 
 from phimr_jax.train.config_base import base_config
-from phimr_jax.train.inference import sampling_config
+from phimr_jax.evaluation.inference import sampling_config
 
 
 def get_config(arg="math500"):

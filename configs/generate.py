@@ -6,7 +6,7 @@
 """
 
 from phimr_jax.train.config_base import base_config
-from phimr_jax.train.inference import sampling_config
+from phimr_jax.evaluation.inference import sampling_config
 
 
 def get_config(arg=None):

@@ -39,7 +39,8 @@ import numpy as np
 from absl import app
 from phimr_jax import main
 from phimr_jax.data.pipelines import midtrain_dataset
-from phimr_jax.train import distill, midtrain
+from phimr_jax.stages import distill
+from phimr_jax.stages import midtrain
 
 SHARDS = 2
 
@@ -209,7 +210,7 @@ def test_rl_two_processes_match_one(tmp_path):
     """Stage 4 multi-host: both processes sample the same rollout batch (the sampler's rows are
     sharded over all 4 devices and gathered on every process), each trains on its slice of each
     minibatch; rewards and losses equal one process driving the 4 devices."""
-    from tests.train.test_rl import _prompt_file, _rl_cmd
+    from tests.stages.rl.test_rl import _prompt_file, _rl_cmd
     prompts = _prompt_file(tmp_path)
     multi, single = tmp_path / "rl_two", tmp_path / "rl_one"
     extra = ["--config.total_steps=4", "--config.rl.updates_per_rollout=2",

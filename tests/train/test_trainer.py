@@ -161,7 +161,7 @@ def test_resume_is_bit_exact(tmp_path):
     """A run that stops at its step-4 checkpoint and is restarted ends with the same losses in
     metrics.jsonl and the same parameters as an uninterrupted run (bit-exact on CPU). The
     first half sees only 4 batches, so it stops there; the schedule is the same 8-step one.
-    (The SIGKILL version of this, through the CLI, is in tests/train/test_stages.py.)"""
+    (The SIGKILL version of this, through the CLI, is in tests/stages/test_stages.py.)"""
     batches = _batches(8)
     straight = tmp_path / "straight"
     trainer.train(_config(straight, 8), _stage(batches))

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from phimr_jax.train import curate as cur
-from phimr_jax.train.rewards import RewardPool, math_reward
+from phimr_jax.stages import curate as cur
+from phimr_jax.evaluation.rewards import RewardPool, math_reward
 from tests.data import write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -54,7 +54,7 @@ from ml_collections import ConfigDict
 from phimr_jax.model import attention as attn_lib
 from phimr_jax.model.config import preset
 from phimr_jax.model.phi3 import init_model, param_count
-from phimr_jax.train import bench
+from phimr_jax.tools import bench
 
 log = logging.getLogger(__name__)
 
@@ -411,7 +411,7 @@ def section_rl_memory(d: ConfigDict, checks: list, out: dict) -> None:
     import optax
 
     from phimr_jax.train import memory
-    from phimr_jax.train.rl import grpo_batch_loss
+    from phimr_jax.stages.rl.stage import grpo_batch_loss
 
     c = d.rl_memory
     cfg = preset(c.model_preset, **dict(c.model_overrides), attention_impl=c.attention_impl,

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from phimr_jax.train import checkpointing, recipe
+from phimr_jax.train import checkpointing
+from phimr_jax.stages import recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STAGES = ("midtrain", "sft", "dpo", "rl")
@@ -118,7 +119,7 @@ def test_evaluate_uses_the_returned_result_where_no_file_is_written(tmp_path, mo
     what the eval harness returns, so a process that wrote nothing still gets its row."""
     from ml_collections import ConfigDict
 
-    from phimr_jax.train import evaluation
+    from phimr_jax.evaluation import harness as evaluation
     result = {"summary": {"pass@1": 0.5, "stderr": 0.25, "problems": 2, "samples_per_problem": 2,
                           "mean_tokens": 7.0, "pass@1_by_difficulty": {"1": 0.5}},
               "problems": [{"pass@1": 1.0}, {"pass@1": 0.0}]}
@@ -134,7 +135,7 @@ def test_recipe_seed_reaches_every_stage_and_the_evaluation(tmp_path, monkeypatc
     """--config.seed=N sets every stage's seed (init, data order, the demo corpus and its
     held-out problems) and the evaluation's sampling seed: the README's three demo tables are
     seeds 0, 1 and 2 of the same command."""
-    from phimr_jax.train import evaluation
+    from phimr_jax.evaluation import harness as evaluation
     from tests.test_configs import load
     config = load("recipe", "demo")
     config.workdir, config.seed, config.export_dir = str(tmp_path), 2, ""

@@ -22,8 +22,8 @@ from ml_collections import ConfigDict
 from phimr_jax.train import checkpointing
 
 log = logging.getLogger(__name__)
-RUNNERS = {"midtrain": "phimr_jax.train.midtrain", "sft": "phimr_jax.train.sft",
-           "dpo": "phimr_jax.train.dpo", "rl": "phimr_jax.train.rl"}
+RUNNERS = {"midtrain": "phimr_jax.stages.midtrain", "sft": "phimr_jax.stages.sft",
+           "dpo": "phimr_jax.stages.dpo", "rl": "phimr_jax.stages.rl.stage"}
 
 
 def _run_stage(name: str, config: ConfigDict) -> None:
@@ -32,7 +32,7 @@ def _run_stage(name: str, config: ConfigDict) -> None:
 
 
 def _evaluate(config: ConfigDict, run_dir: str, dataset: str, label: str) -> dict:
-    from phimr_jax.train.evaluation import run as run_eval
+    from phimr_jax.evaluation.harness import run as run_eval
     ev = ConfigDict(config.eval.to_dict())
     ev.checkpoint, ev.dataset, ev.workdir = run_dir, dataset, run_dir
     ev.mesh, ev.sharding_rules = config.mesh, config.sharding_rules

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from phimr_jax.train.evaluation import (MATH_SUFFIX, by_difficulty, load_problems, pass_at_1,
+from phimr_jax.evaluation.harness import (MATH_SUFFIX, by_difficulty, load_problems, pass_at_1,
                                         pass_at_k)
 from tests.data import demo_paths, sp_model, write_jsonl
 from tests.test_configs import load
@@ -83,7 +83,7 @@ def test_eval_end_to_end_on_a_demo_run(tmp_path):
     assert set(s["pass@1_by_difficulty"]) == {str(lv) for lv in levels}
     assert len(out["problems"]) == 6 and all(len(p["completions"]) == 2 for p in out["problems"])
     # The saved verdicts agree with grading the saved completions again.
-    from phimr_jax.train.rewards import math_reward
+    from phimr_jax.evaluation.rewards import math_reward
     texts = [c for p in out["problems"] for c in p["completions"]]
     golds = [p["gold"] for p in out["problems"] for _ in range(2)]
     regraded = math_reward(texts, golds) > 0
@@ -94,7 +94,8 @@ def test_eval_end_to_end_on_a_demo_run(tmp_path):
 def _greedy_eval(config, batch_size: int, rope_mode: str, monkeypatch) -> tuple:
     """(pass@1, completion texts, generated token ids) of one eval run; the ids are recorded
     from the sampler's results (texts alone could hide different byte tokens)."""
-    from phimr_jax.train import evaluation, inference
+    from phimr_jax.evaluation import harness as evaluation
+    from phimr_jax.evaluation import inference
     calls = []
 
     def recording(*args, **kwargs):

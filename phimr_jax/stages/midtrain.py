@@ -17,7 +17,7 @@ import jax
 from ml_collections import ConfigDict
 
 from phimr_jax.data.pipelines import midtrain_dataset
-from phimr_jax.train import distill
+from phimr_jax.stages import distill
 from phimr_jax.train.trainer import train
 
 

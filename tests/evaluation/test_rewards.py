@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from phimr_jax.train import rewards
-from phimr_jax.train.rewards import RewardPool, extract_answer, math_reward, verify_one
+from phimr_jax.evaluation import rewards
+from phimr_jax.evaluation.rewards import RewardPool, extract_answer, math_reward, verify_one
 
 TIMEOUT = 2.0
 
@@ -285,7 +285,7 @@ def test_default_pool_is_lazy_and_reused():
     code = """
 import sys
 import numpy as np
-import phimr_jax.train.rewards as r
+import phimr_jax.evaluation.rewards as r
 r.math_reward(["\\\\boxed{B}"], ["B"], mode="choice")
 assert "sympy" not in sys.modules and "math_verify" not in sys.modules
 assert r._default is None

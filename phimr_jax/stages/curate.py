@@ -83,7 +83,7 @@ from phimr_jax.data import demo_corpus
 from phimr_jax.data.pipelines import difficulty_value
 from phimr_jax.data.sources import (PARQUET_EXTENSIONS, DataError, expand_patterns,
                                     open_records)
-from phimr_jax.train.rewards import RewardPool, extract_answer
+from phimr_jax.evaluation.rewards import RewardPool, extract_answer
 
 log = logging.getLogger(__name__)
 
@@ -523,7 +523,7 @@ def _teacher_rollouts(config: ConfigDict) -> tuple[str, dict]:
     import jax
 
     from phimr_jax.model.sharding import axis_rules
-    from phimr_jax.train.inference import load_model_and_tokenizer, sample_questions
+    from phimr_jax.evaluation.inference import load_model_and_tokenizer, sample_questions
     from phimr_jax.train.metrics import Countdown
 
     if jax.process_count() > 1:

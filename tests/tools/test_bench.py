@@ -7,7 +7,7 @@ import numpy as np
 
 import pytest
 
-from phimr_jax.train import bench
+from phimr_jax.tools import bench
 from tests.test_configs import load
 
 TOY = {"num_layers": 1, "hidden_size": 64, "num_heads": 4, "num_kv_heads": 2,

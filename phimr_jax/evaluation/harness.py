@@ -29,7 +29,7 @@ from ml_collections import ConfigDict
 
 from phimr_jax.data.sources import open_records
 from phimr_jax.model.sharding import axis_rules
-from phimr_jax.train.inference import load_model_and_tokenizer, sample_questions
+from phimr_jax.evaluation.inference import load_model_and_tokenizer, sample_questions
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def by_difficulty(correct: np.ndarray, levels: list, metric=lambda c: float(c.me
 
 
 def run(config: ConfigDict) -> dict:
-    from phimr_jax.train.rewards import RewardPool
+    from phimr_jax.evaluation.rewards import RewardPool
 
     if not config.dataset:
         raise ValueError("missing required option --config.dataset=FILE.jsonl")

@@ -53,7 +53,7 @@ from typing import Sequence
 
 import numpy as np
 
-from phimr_jax.train._reward_worker import MODES, extract_answer, grade_choice, verify_one
+from phimr_jax.evaluation._reward_worker import MODES, extract_answer, grade_choice, verify_one
 
 __all__ = ["math_reward", "RewardPool", "extract_answer", "verify_one", "default_pool"]
 

@@ -40,8 +40,8 @@ from jax.experimental import multihost_utils
 
 from phimr_jax.model.actor_critic import PARAM_LAYOUTS
 from phimr_jax.model.sampling import generate, rope_regime
-from phimr_jax.train import rl_objectives as obj
-from phimr_jax.train import rl_stabilisers as st
+from phimr_jax.stages.rl import objectives as obj
+from phimr_jax.stages.rl import stabilisers as st
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from phimr_jax.train import rl_objectives as rl
-from phimr_jax.train import rl_stabilisers as st
+from phimr_jax.stages.rl import objectives as rl
+from phimr_jax.stages.rl import stabilisers as st
 
 A = 1.0 / (math.sqrt(2.0) + 1e-4)  # advantage of +1 in a {+1, -1} group (std with ddof=1)
 

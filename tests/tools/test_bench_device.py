@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from phimr_jax.train import bench_device
+from phimr_jax.tools import bench_device
 from tests.test_configs import load
 
 
