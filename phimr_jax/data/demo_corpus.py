@@ -18,6 +18,8 @@ longer chain of steps the model can learn rather than a step it cannot, and the 
 two- or three-digit numbers that a chain with a false step rarely hits by luck (the reward
 only reads the boxed answer; README, "demo recipe").
 
+The families themselves (templates, samplers, step-by-step solvers) are `demo_kinds.KINDS`.
+
 Each solution is a short chain of thought (under 60 words) whose every step is an exact integer
 operation, ending with "The answer is \\boxed{N}."; answers are non-negative integers written as
 strings. Difficulty levels are drawn uniformly. Held-out problems are distinct from each other
@@ -36,253 +38,35 @@ stable across Python versions).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
 import re
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
+from phimr_jax.data.demo_kinds import KINDS, Calc, Kind, render
 from phimr_jax.data.tokenizers import DEFAULT_SYSTEM
 
-ANSWER_SUFFIX = "The answer is \\boxed{{{}}}."
-NAMES = ("Ana", "Ben", "Carla", "Dev", "Emma", "Farid", "Grace", "Hugo", "Iris", "Jonas",
-         "Kemi", "Liam", "Maya", "Noah", "Omar", "Priya", "Rosa", "Sam", "Tara", "Yuki")
-ITEMS = ("apples", "pencils", "marbles", "stickers", "cookies", "cards", "shells", "stamps")
-SLIPS = (-10, -2, -1, 1, 2, 10)
-_FIELD_PATTERNS = {"name": r"[A-Z][a-z]+", "item": r"[a-z]+"}  # other fields are integers
+SLIPS = (-10, -2, -1, 1, 2, 10)  # a slipped operation's error (wrong_solution)
 
 
-class _Calc:
-    """Does a solution's arithmetic, counting operations; may slip on operation `slip_at`."""
-
-    OPS: dict[str, Callable[[int, int], int]] = {
-        "+": lambda a, b: a + b, "-": lambda a, b: a - b, "×": lambda a, b: a * b,
-        "÷": lambda a, b: a // b}  # exact on correct paths; a slipped path may floor
-
-    def __init__(self, slip_at: Optional[int] = None, slip: int = 0):
-        self.slip_at, self.slip, self.count = slip_at, slip, 0
-
-    def __call__(self, a: int, op: str, b: int) -> int:
-        result = self.OPS[op](a, b) + (self.slip if self.count == self.slip_at else 0)
-        self.count += 1
-        return result
-
-
-@dataclasses.dataclass(frozen=True)
-class _Kind:
-    """One family of problems: templates (also parsers), a sampler and a solver."""
-
-    name: str
-    difficulty: int
-    domain: str
-    templates: tuple[str, ...]
-    sample: Callable[[random.Random], dict]
-    solve: Callable[[dict, _Calc], tuple[str, int]]  # -> (steps text, answer)
-    valid: Callable[[dict], bool] = lambda p: True  # tells kinds with the same template apart
-
-    def parse(self, problem: str) -> Optional[dict]:
-        for template in self.templates:
-            m = _template_regex(template).fullmatch(problem)
-            if m:
-                params = {k: int(v) if v.isdigit() else v for k, v in m.groupdict().items()}
-                return params if self.valid(params) else None
-        return None
-
-
-def _template_regex(template: str) -> re.Pattern:
-    parts = re.split(r"\{(\w+)\}", template)
-    out, seen = [], set()
-    for i, part in enumerate(parts):
-        if i % 2 == 0:
-            out.append(re.escape(part))
-        elif part in seen:
-            out.append(f"(?P={part})")
-        else:
-            seen.add(part)
-            out.append(f"(?P<{part}>{_FIELD_PATTERNS.get(part, r'[0-9]+')})")
-    return re.compile("".join(out))
-
-
-# --- difficulty 1 ---------------------------------------------------------------------------
-def _add1(p, c):
-    r = c(p["a"], "+", p["b"])
-    return f"We add: {p['a']} + {p['b']} = {r}.", r
-
-
-def _sub1(p, c):
-    r = c(p["a"], "-", p["b"])
-    return f"We subtract: {p['a']} - {p['b']} = {r}.", r
-
-
-def _sample_sub1(rng):
-    a = rng.randint(1, 9)
-    return {"a": a, "b": rng.randint(0, a)}
-
-
-# --- difficulty 2 ---------------------------------------------------------------------------
-def _sample_add2(rng):
-    while True:
-        a, b = rng.randint(10, 99), rng.randint(10, 99)
-        if a % 10 + b % 10 >= 10:
-            return {"a": a, "b": b}
-
-
-def _add2(p, c):
-    a, b = p["a"], p["b"]
-    ones = c(a % 10, "+", b % 10)
-    tens = c(a // 10, "+", b // 10)
-    total_tens = c(tens, "+", ones // 10)
-    r = total_tens * 10 + ones % 10
-    return (f"Ones: {a % 10} + {b % 10} = {ones}, write {ones % 10} and carry {ones // 10}. "
-            f"Tens: {a // 10} + {b // 10} = {tens}, plus the carry: {tens} + {ones // 10} = "
-            f"{total_tens}. So {a} + {b} = {r}."), r
-
-
-def _sample_sub2(rng):
-    while True:
-        a, b = rng.randint(10, 99), rng.randint(10, 99)
-        if a > b and a % 10 < b % 10:
-            return {"a": a, "b": b}
-
-
-def _sub2(p, c):
-    a, b = p["a"], p["b"]
-    borrowed = c(a % 10, "+", 10)
-    ones = c(borrowed, "-", b % 10)
-    tens = c(a // 10, "-", 1)
-    rest = c(tens, "-", b // 10)
-    r = rest * 10 + ones
-    return (f"Ones: {a % 10} is less than {b % 10}, so borrow ten: {a % 10} + 10 = {borrowed} "
-            f"and {borrowed} - {b % 10} = {ones}. Tens: {a // 10} - 1 = {tens} after the "
-            f"borrow, and {tens} - {b // 10} = {rest}. So {a} - {b} = {r}."), r
-
-
-# --- difficulties 3-5: column multiplication, then chains built on it --------------------
-# Every step of levels 3-5 is one the model also meets at levels 1-2 (a one-digit fact, a carry
-# added to a small number) or a times-table fact, written column by column like the level-2
-# sums, so a level-k problem is a longer chain of steps the model can learn; its answer is a
-# two- or three-digit number that a wrong step rarely hits by luck.
-def _sample_mul(rng):
-    return {"a": rng.choice([x for x in range(12, 100) if x % 10]), "b": rng.randint(2, 9)}
-
-
-def _column_mul(a, b, c):
-    """(steps, product) of a two-digit a times a one-digit b, column by column."""
-    ones = c(a % 10, "×", b)
-    tens = c(a // 10, "×", b)
-    total_tens = c(tens, "+", ones // 10)
-    r = total_tens * 10 + ones % 10
-    return (f"Ones: {a % 10} × {b} = {ones}, write {ones % 10} and carry {ones // 10}. "
-            f"Tens: {a // 10} × {b} = {tens}, plus the carry: {tens} + {ones // 10} = "
-            f"{total_tens}. So {a} × {b} = {r}."), r
-
-
-def _mul(p, c):
-    return _column_mul(p["a"], p["b"], c)
-
-
-def _sample_bags(rng):
-    return {"name": rng.choice(NAMES), "item": rng.choice(ITEMS), "a": rng.randint(2, 9),
-            "b": rng.choice([x for x in range(12, 100) if x % 10]), "c": rng.randint(1, 9)}
-
-
-def _bags(p, c):
-    steps, total = _column_mul(p["b"], p["a"], c)
-    r = c(total, "+", p["c"])
-    return f"{steps} With {p['c']} more: {total} + {p['c']} = {r}.", r
-
-
-def _sample_shop(rng):
-    return {"name": rng.choice(NAMES), "a": rng.randint(2, 9), "b": rng.randint(2, 9),
-            "c": rng.randint(2, 9), "d": rng.randint(2, 9)}
-
-
-def _shop(p, c):
-    pens = c(p["a"], "×", p["b"])
-    books = c(p["c"], "×", p["d"])
-    r = c(pens, "+", books)
-    return (f"Pens cost {p['a']} × {p['b']} = {pens} dollars. Notebooks cost {p['c']} × "
-            f"{p['d']} = {books} dollars. Total: {pens} + {books} = {r} dollars."), r
-
-
-def _sample_paren(rng):
-    while True:
-        a, b = rng.randint(10, 89), rng.randint(1, 9)
-        if (a + b) % 10:
-            return {"a": a, "b": b, "c": rng.randint(2, 9)}
-
-
-def _paren(p, c):
-    s = c(p["a"], "+", p["b"])
-    steps, r = _column_mul(s, p["c"], c)
-    return f"Parentheses first: {p['a']} + {p['b']} = {s}. {steps}", r
-
-
-def _sample_friends(rng):
-    return {"name": rng.choice(NAMES), "item": rng.choice(ITEMS), **_sample_paren(rng)}
-
-
-def _friends(p, c):
-    s = c(p["a"], "+", p["b"])
-    steps, r = _column_mul(s, p["c"], c)
-    return f"Each friend has {p['a']} + {p['b']} = {s} {p['item']}. {steps}", r
-
-
-def _pair(rng, lo, hi):
-    return {"a": rng.randint(lo, hi), "b": rng.randint(lo, hi)}
-
-
-KINDS = (
-    _Kind("add1", 1, "arithmetic", ("What is {a} + {b}?", "Compute {a} + {b}.",
-                                    "Find the sum of {a} and {b}.", "Add {a} and {b}."),
-          lambda rng: _pair(rng, 0, 9), _add1, lambda p: p["a"] < 10 and p["b"] < 10),
-    _Kind("sub1", 1, "arithmetic", ("What is {a} - {b}?", "Compute {a} - {b}.",
-                                    "Subtract {b} from {a}.", "Find the difference {a} - {b}."),
-          _sample_sub1, _sub1, lambda p: p["b"] <= p["a"] < 10),
-    _Kind("add2", 2, "arithmetic", ("What is {a} + {b}?", "Compute {a} + {b}."),
-          _sample_add2, _add2, lambda p: min(p["a"], p["b"]) >= 10),
-    _Kind("sub2", 2, "arithmetic", ("What is {a} - {b}?", "Compute {a} - {b}."),
-          _sample_sub2, _sub2, lambda p: p["a"] >= 10 and p["b"] >= 10),
-    _Kind("mul", 3, "arithmetic", ("What is {a} × {b}?", "Compute {a} × {b}.",
-                                   "Multiply {a} by {b}."), _sample_mul, _mul),
-    _Kind("bags", 4, "word_problem",
-          ("{name} buys {a} bags of {item} with {b} {item} in each bag and finds {c} more "
-           "{item}. How many {item} does {name} have?",), _sample_bags, _bags),
-    _Kind("shop", 4, "word_problem",
-          ("{name} buys {a} pens at {b} dollars each and {c} notebooks at {d} dollars each. "
-           "How much does {name} pay?",), _sample_shop, _shop),
-    _Kind("paren", 5, "expression", ("Compute ({a} + {b}) × {c}.", "Evaluate ({a} + {b}) × {c}."),
-          _sample_paren, _paren),
-    _Kind("friends", 5, "word_problem",
-          ("Each of {c} friends has {a} {item} and gets {b} more. How many {item} do the "
-           "friends have in all?",), _sample_friends, _friends),
-)
-
-
-def _render(kind: _Kind, problem: str, params: dict, calc: _Calc) -> dict:
-    steps, answer = kind.solve(params, calc)
-    return {"problem": problem, "solution": f"{steps} {ANSWER_SUFFIX.format(answer)}",
-            "answer": str(answer), "difficulty": kind.difficulty, "domain": kind.domain}
-
-
-def _kind_of_level(rng: random.Random, level: int) -> _Kind:
+def _kind_of_level(rng: random.Random, level: int) -> Kind:
     return rng.choice([k for k in KINDS if k.difficulty == level])
 
 
 def sample_record(rng: random.Random, level: Optional[int] = None,
-                  kind: Optional[_Kind] = None) -> dict:
+                  kind: Optional[Kind] = None) -> dict:
     """One random record: a uniform difficulty (unless given), then a uniform kind (unless
     given) and template within it."""
     level = rng.randint(1, 5) if level is None else level
     kind = kind or _kind_of_level(rng, level)
     params = kind.sample(rng)
     problem = rng.choice(kind.templates).format(**params)
-    return _render(kind, problem, params, _Calc())
+    return render(kind, problem, params, Calc())
 
 
 def _draw(rng: random.Random, level: int, avoid: tuple[set[str], ...],
-          tries: int, kind: Optional[_Kind] = None) -> Optional[dict]:
+          tries: int, kind: Optional[Kind] = None) -> Optional[dict]:
     """A record of `level` whose problem is in none of `avoid` (retries keep the level and the
     kind, so rejecting repeats skews neither the difficulty spread nor the mix of kinds: a
     kind with fewer distinct problems, such as subtraction with a borrow, would otherwise lose
@@ -364,7 +148,7 @@ def generate(out_dir: str, *, n_train: int, n_heldout: int, n_fresh: int = 0,
     return paths
 
 
-def _find_kind(problem: str) -> tuple[_Kind, dict]:
+def _find_kind(problem: str) -> tuple[Kind, dict]:
     for kind in KINDS:
         params = kind.parse(problem)
         if params is not None:
@@ -387,16 +171,16 @@ def wrong_solution(record: dict, rng) -> dict:
     random.Random or a numpy Generator (it picks the slipping step and the size of the slip).
     """
     kind, params = _find_kind(record["problem"])
-    counter = _Calc()
+    counter = Calc()
     _, gold = kind.solve(params, counter)
     for _ in range(20):
-        calc = _Calc(slip_at=_randint(rng, 0, counter.count - 1),
+        calc = Calc(slip_at=_randint(rng, 0, counter.count - 1),
                      slip=SLIPS[_randint(rng, 0, len(SLIPS) - 1)])
-        wrong = _render(kind, record["problem"], params, calc)
+        wrong = render(kind, record["problem"], params, calc)
         if wrong["answer"] != str(gold):
             break
     else:  # e.g. a slip swallowed by a floor division: slip the last step instead
-        wrong = _render(kind, record["problem"], params, _Calc(counter.count - 1, 1))
+        wrong = render(kind, record["problem"], params, Calc(counter.count - 1, 1))
     return {**record, "solution": wrong["solution"], "rollout_answer": wrong["answer"]}
 
 
@@ -440,7 +224,7 @@ def wrong_steps(solution: str) -> int:
         if op == "÷":
             bad += b == 0 or a != b * c
         else:
-            bad += _Calc.OPS[op](a, b) != c
+            bad += Calc.OPS[op](a, b) != c
     return bad
 
 

@@ -13,8 +13,14 @@ template, so an exported model loads with `AutoTokenizer` + `AutoModelForCausalL
 from __future__ import annotations
 
 import os
+import shutil
 
 from phimr_jax.data.tokenizers import DEFAULT_SYSTEM, END, SPECIAL_TOKENS
+
+# Files a tokenizer directory may hold (HF fast/slow tokenizers, sentencepiece, chat template).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
+                   "chat_template.jinja", "chat_template.json")
 
 # The reasoning model's format (tokenizers.format_prompt): the fixed system text (+ " " + a
 # user system message), then each turn as <|role|>content<|end|>, then <|assistant|>.
@@ -49,9 +55,20 @@ def sentencepiece_to_hf(model_path: str, out_dir: str) -> list:
     return sorted(os.listdir(out_dir))
 
 
+def copy_tokenizer_files(src: str, dst: str) -> list:
+    """Copy the tokenizer files found in `src` to `dst`; returns the names copied."""
+    if not src or not os.path.isdir(src):
+        return []
+    names = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
+    if names:
+        os.makedirs(dst, exist_ok=True)
+        for name in names:
+            shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+    return names
+
+
 def write_hf_tokenizer(tokenizer_dir: str, out_dir: str) -> list:
     """Tokenizer files for an exported model directory, from a run's tokenizer directory."""
-    from phimr_jax.train.checkpointing import copy_tokenizer_files
     if os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
         return copy_tokenizer_files(tokenizer_dir, out_dir)
     model = os.path.join(tokenizer_dir, "tokenizer.model")
@@ -60,4 +77,5 @@ def write_hf_tokenizer(tokenizer_dir: str, out_dir: str) -> list:
     return []
 
 
-__all__ = ["CHAT_TEMPLATE", "sentencepiece_to_hf", "write_hf_tokenizer"]
+__all__ = ["CHAT_TEMPLATE", "TOKENIZER_FILES", "copy_tokenizer_files", "sentencepiece_to_hf",
+           "write_hf_tokenizer"]

@@ -13,7 +13,6 @@ Restoring places each array straight into its target sharding; nothing is gather
 from __future__ import annotations
 
 import os
-import shutil
 from typing import Optional
 
 import jax
@@ -24,11 +23,6 @@ from phimr_jax.model.actor_critic import PARAM_LAYOUTS, abstract_for_layout
 from phimr_jax.model.config import ModelConfig
 from phimr_jax.model.phi3 import Phi3ForCausalLM
 from phimr_jax.model.sharding import DEFAULT_RULES, state_shardings
-
-# Files a tokenizer directory may hold (HF fast/slow tokenizers, sentencepiece, chat template).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
-                   "chat_template.jinja", "chat_template.json")
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -107,15 +101,3 @@ def with_shardings(tree, shardings):
     """Restore target: each abstract array of `tree` with the matching sharding."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         tree, shardings)
-
-
-def copy_tokenizer_files(src: str, dst: str) -> list:
-    """Copy the tokenizer files found in `src` to `dst`; returns the names copied."""
-    if not src or not os.path.isdir(src):
-        return []
-    names = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
-    if names:
-        os.makedirs(dst, exist_ok=True)
-        for name in names:
-            shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
-    return names

@@ -16,7 +16,7 @@ import os
 
 from ml_collections import ConfigDict
 
-from phimr_jax.data.hf_tokenizer_export import write_hf_tokenizer
+from phimr_jax.data.hf_tokenizer_export import copy_tokenizer_files, write_hf_tokenizer
 from phimr_jax.model.hf_io import load_hf, save_hf
 from phimr_jax.model.phi3 import param_count
 from phimr_jax.train import checkpointing
@@ -37,7 +37,7 @@ def run_convert(config: ConfigDict) -> str:
     mesh, rules = mesh_and_rules(config)
     model = load_hf(config.hf_dir, dtype=config.dtype, mesh=mesh, rules=rules)
     tok_dst = os.path.join(os.path.abspath(config.workdir), "tokenizer")
-    copied = checkpointing.copy_tokenizer_files(config.tokenizer_dir or config.hf_dir, tok_dst)
+    copied = copy_tokenizer_files(config.tokenizer_dir or config.hf_dir, tok_dst)
     info = checkpointing.run_info(model, stage="convert", tokenizer_dir=tok_dst if copied else "",
                                   source=os.path.abspath(config.hf_dir))
     checkpointing.save_model(config.workdir, model, step=config.step, info=info)
