@@ -49,7 +49,7 @@ def load_model_and_tokenizer(config: ConfigDict):
     else:
         model, info, _ = checkpointing.restore_model(config.checkpoint, None, mesh, rules)
         if config.dtype != model.config.param_dtype:
-            from phimr_jax.train.trainer import with_model_config
+            from phimr_jax.train.state import with_model_config
             model = with_model_config(model, param_dtype=config.dtype, dtype=config.dtype)
         tok_dir = info.get("tokenizer_dir", "")
     path = config.tokenizer or tok_dir

@@ -6,13 +6,15 @@ Layout choices (all exact w.r.t. HF, see tests/model/test_parity.py):
   runs the same per-layer function in a Python loop over the same stacked parameters (each
   layer compiled separately): for a few layers it avoids the scan's stacked residual buffers
   (2 CPU cores: the demo model's forward + backward 0.65 -> 0.55 s); checkpoints do not change.
+  The per-layer parameter table, the scan/loop and the remat policies are in
+  phimr_jax/model/layer_stack.py.
 - HF's fused `qkv_proj` / `gate_up_proj` are stored split (q, k, v / gate, up) with separate
   head axes, so tensor parallelism shards whole heads; conversion splits and re-fuses them
   bit-exactly (phimr_jax/model/hf_io.py).
 - Packed sequences: `segment_ids` (0 = padding) restrict attention to earlier tokens of the same
   segment; `positions` restart per segment and drive RoPE.
-- KV cache: `decode()` writes new keys/values at `cache.index` and attends over all filled slots
-  of the same segment. The cache remembers the LongRoPE regime of its keys, one per row: the
+- KV cache (`KVCache`, phimr_jax/model/cache.py): `decode()` writes new keys/values at
+  `cache.index` and attends over all filled slots of the same segment. The cache remembers the LongRoPE regime of its keys, one per row: the
   regime is chosen on the first call (HF's rule applied to each row's own positions, i.e. what
   HF picks for that sequence alone, or `long_rope=`) and kept for later steps, so a row never
   mixes short- and long-factor keys. A row crossing `original_max_position_embeddings` with
@@ -37,95 +39,17 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-from flax import nnx, struct
+from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from phimr_jax.model import rope
-from phimr_jax.model.attention import MASK_VALUE, dense_mask, make_attention, xla_attention
+from phimr_jax.model.attention import dense_mask, make_attention, xla_attention
+from phimr_jax.model.cache import KVCache, StepCache
 from phimr_jax.model.config import ModelConfig
+from phimr_jax.model.flash import MASK_VALUE
+from phimr_jax.model.layer_stack import LAYER_PARAM_AXES, _over_layers, _remat, layer_param_shapes
 from phimr_jax.model.layers import project, rms_norm, swiglu
 from phimr_jax.model.sharding import constrain
-
-# Stacked per-layer parameters: name -> logical axes (after the leading "layers" axis).
-LAYER_PARAM_AXES = {
-    "attn_norm": ("norm",),
-    "q": ("embed", "heads", "head_dim"),
-    "k": ("embed", "kv_heads", "head_dim"),
-    "v": ("embed", "kv_heads", "head_dim"),
-    "o": ("heads", "head_dim", "embed"),
-    "mlp_norm": ("norm",),
-    "gate": ("embed", "mlp"),
-    "up": ("embed", "mlp"),
-    "down": ("mlp", "embed"),
-}
-
-
-def layer_param_shapes(cfg: ModelConfig) -> dict:
-    d, h, k, hd, f = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim,
-                      cfg.intermediate_size)
-    return {"attn_norm": (d,), "q": (d, h, hd), "k": (d, k, hd), "v": (d, k, hd),
-            "o": (h, hd, d), "mlp_norm": (d,), "gate": (d, f), "up": (d, f), "down": (f, d)}
-
-
-@struct.dataclass
-class KVCache:
-    """Preallocated per-layer keys/values plus what decode needs to mask and position them."""
-
-    k: jax.Array  # [layers, batch, max_length, kv_heads, head_dim]
-    v: jax.Array  # same
-    segment_ids: jax.Array  # [batch, max_length] int32; 0 = empty slot or padding
-    index: jax.Array  # int32 scalar: the next slot to write
-    long_rope: jax.Array  # [batch] bool: LongRoPE regime of each row's cached keys
-
-    @property
-    def max_length(self) -> int:
-        return self.k.shape[2]
-
-
-@struct.dataclass
-class StepCache:
-    """The KV cache of the sampler's single-token loop (`Phi3ForCausalLM.decode_step`): the
-    same contents as a `KVCache`, one array per layer in [batch, kv_heads, max_length,
-    head_dim] order. Why not KVCache itself (measured, bench sampler, 2 loaded CPU cores):
-    reading layer l of the stacked [layers, batch, length, kv, hd] cache and putting its KV-head
-    axis before the length for the attention matmuls copied the whole layer every step, about
-    1.7 of the 4.6 ms a step took. Here the attention matmuls read the layer as it is stored,
-    and each step writes one slot per layer in place. Keys are stored transposed, [hd, slots]:
-    the score matmul q K^T then reads them as a plain [hd, slots] right operand; with [slots,
-    hd] keys XLA:CPU ran it ~7x slower at 512 rows (float32: 9.7 against 1.3 ms a layer)."""
-
-    k: tuple  # num_layers arrays [batch, kv_heads, head_dim, max_length]
-    v: tuple  # num_layers arrays [batch, kv_heads, max_length, head_dim]
-    segment_ids: jax.Array  # [batch, max_length] int32; 0 = empty slot or padding
-    index: jax.Array  # int32 scalar: the next slot to write
-    long_rope: jax.Array  # [batch] bool: LongRoPE regime of each row's cached keys
-
-    @property
-    def max_length(self) -> int:
-        return self.segment_ids.shape[1]
-
-    @classmethod
-    def from_cache(cls, cache: KVCache) -> "StepCache":
-        """The step layout of a filled KVCache (one transpose per layer, once per prefill)."""
-        split = lambda x, keys: tuple(_step_layout(x[i], keys) for i in range(x.shape[0]))
-        return cls(k=split(cache.k, True), v=split(cache.v, False), segment_ids=cache.segment_ids,
-                   index=cache.index, long_rope=cache.long_rope)
-
-    def set_rows(self, rows: jax.Array, fresh: KVCache) -> "StepCache":
-        """Rows `rows` of keys/values replaced by those of `fresh` (a KVCache of len(rows)
-        rows and the same length); out-of-range indices are dropped. Segment ids, index and
-        the regime stay (the caller sets the regime)."""
-        put = lambda old, new, keys: tuple(
-            o.at[rows].set(_step_layout(new[i], keys), mode="drop") for i, o in enumerate(old))
-        return self.replace(k=put(self.k, fresh.k, True), v=put(self.v, fresh.v, False))
-
-
-def _step_layout(x: jax.Array, keys: bool) -> jax.Array:
-    """[batch, length, kv, hd] -> [batch, kv, hd, length] (keys) or [batch, kv, length, hd]
-    (values), sharded like the activations."""
-    if keys:
-        return constrain(x.transpose(0, 2, 3, 1), ("batch", "kv_heads", "head_dim", "cache_length"))
-    return constrain(jnp.swapaxes(x, 1, 2), ("batch", "kv_heads", "cache_length", "head_dim"))
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -135,30 +59,6 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     (Kept here for callers; the implementation is attention.xla_attention.)
     """
     return xla_attention(q, k, v, mask)
-
-
-def _over_layers(body, carry, xs, scan: bool):
-    """`lax.scan(body, carry, xs)` over the leading (layer) axis of xs, or the same body in a
-    Python loop (outputs of body are not collected: the decoder's are None)."""
-    if scan:
-        return jax.lax.scan(body, carry, xs)[0]
-    for i in range(jax.tree.leaves(xs)[0].shape[0]):
-        carry, _ = body(carry, jax.tree.map(lambda a: a[i], xs))
-    return carry
-
-
-_SAVED_BY_DOTS = ("q", "k", "v", "gate", "up")
-
-
-def _remat(fn, policy: str):
-    if policy == "none":
-        return fn
-    if policy == "full":
-        return jax.checkpoint(fn)
-    # "dots": keep the q/k/v and gate/up projections (named in `block`), recompute the rest.
-    # Named rather than found by primitive: the projections are custom-VJP functions
-    # (model/layers.py) whose outputs are casts of dots, which a dots policy does not see.
-    return jax.checkpoint(fn, policy=jax.checkpoint_policies.save_only_these_names(*_SAVED_BY_DOTS))
 
 
 class Phi3ForCausalLM(nnx.Module):

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from phimr_jax.model.phi3 import StepCache
+from phimr_jax.model.cache import StepCache
 from phimr_jax.model.sharding import MESH_AXES, constrain, current_rules, logical_to_spec
 
 _NEG = -1e30

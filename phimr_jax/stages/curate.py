@@ -70,23 +70,21 @@ import json
 import logging
 import math
 import os
-import random
 import time
 from typing import Callable, Optional
 
 from ml_collections import ConfigDict
 
-from phimr_jax.data import demo_corpus
 from phimr_jax.data.pipelines import difficulty_value
 from phimr_jax.data.sources import DataError, expand_patterns, open_records
 from phimr_jax.evaluation.rewards import RewardPool, extract_answer
-from phimr_jax.stages.curate_io import (CHUNK_DIR, OUTPUTS, final_pass, manifest, parse,
-                                        prepare_chunk_dir, problem_key, raw_records,
+from phimr_jax.stages.curate_io import (CHUNK_DIR, OUTPUTS, demo_rollouts, final_pass, manifest,
+                                        parse, prepare_chunk_dir, problem_key, raw_records,
                                         read_json, write_atomic, write_json)
 
 log = logging.getLogger(__name__)
 
-TEACHER_DIR, DEMO_DIR = "teacher_rollouts", "demo_input"
+TEACHER_DIR = "teacher_rollouts"
 CANONICAL_FIELDS = {k: k for k in ("problem", "answer", "rollout", "difficulty", "domain")}
 STATUSES = ("correct", "wrong", "no_answer")  # wrong: a boxed answer that is not equivalent
 MAX_EXAMPLES = 5  # malformed-record messages kept in the report
@@ -247,36 +245,6 @@ def markdown(report: dict) -> str:
 
 # ------------------------------------------------------------------------------------ inputs
 
-def _demo_rollouts(config: ConfigDict) -> str:
-    """workdir/demo_input/rollouts.jsonl: per demo problem its correct solution and 1 to
-    `demo_wrong` deliberately wrong ones, over two records placed far apart (the first records
-    in problem order, the second ones shuffled after them), either field form. Built once: a
-    rebuilt file would change the chunk manifest."""
-    out_dir = os.path.join(config.workdir, DEMO_DIR)
-    path = os.path.join(out_dir, "rollouts.jsonl")
-    if os.path.exists(path):
-        return path
-    paths = demo_corpus.generate(out_dir, n_train=config.demo_problems, n_heldout=0,
-                                 seed=config.seed)
-    rng = random.Random(config.seed)
-    first, second = [], []
-    with open(paths["train"], encoding="utf-8") as f:
-        for line in f:
-            rec = json.loads(line)
-            base = {k: rec[k] for k in ("problem", "answer", "difficulty", "domain")}
-            wrong = [demo_corpus.wrong_solution(rec, rng)["solution"]
-                     for _ in range(rng.randint(1, config.demo_wrong))]
-            if rng.random() < 0.5:  # correct alone (a string), the wrong ones later (a list)
-                first.append({**base, "rollout": rec["solution"]})
-                second.append({**base, "rollout": wrong})
-            else:  # a list with a wrong one first, any other wrong one later
-                first.append({**base, "rollout": [wrong[0], rec["solution"]]})
-                second += [{**base, "rollout": w} for w in wrong[1:]]
-    rng.shuffle(second)
-    write_atomic(path, lambda f: f.writelines(json.dumps(r) + "\n" for r in first + second))
-    return path
-
-
 def _teacher_rollouts(config: ConfigDict) -> tuple[str, dict]:
     """Sample teacher.num_samples rollouts per problem of `problems` into
     workdir/teacher_rollouts/NNNNN.jsonl (chunk_size problems per file; existing files are
@@ -319,8 +287,8 @@ def _teacher_rollouts(config: ConfigDict) -> tuple[str, dict]:
                     texts.append(tokenizer.decode(toks[:-1] if reason == "stop" else toks))
             records = [{**r, "rollout": texts[j * k:(j + 1) * k]} for j, r in enumerate(recs)]
             write_atomic(os.path.join(out_dir, f"{start // size:05d}.jsonl"),
-                          lambda fh: fh.writelines(json.dumps(r, ensure_ascii=False) + "\n"
-                                                   for r in records))
+                         lambda fh: fh.writelines(json.dumps(r, ensure_ascii=False) + "\n"
+                                                  for r in records))
             done += len(recs)
             progress.update(done)
     return (os.path.join(out_dir, "*.jsonl"),
@@ -349,7 +317,7 @@ def curate(config: ConfigDict, pool: Optional[RewardPool] = None) -> Optional[di
     os.makedirs(config.workdir, exist_ok=True)
     extra, fields = {}, dict(config.fields)
     if config.demo:
-        pattern, fields = _demo_rollouts(config), dict(CANONICAL_FIELDS)
+        pattern, fields = demo_rollouts(config), dict(CANONICAL_FIELDS)
     elif config.rollouts:
         pattern = config.rollouts
     else:

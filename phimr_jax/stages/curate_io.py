@@ -1,11 +1,12 @@
 """Files of the `curate` stage (`phimr_jax.stages.curate`): input records, chunk files, pairing.
 
-Everything that reads or writes the stage's files, apart from grading, the report and the inputs
-it builds itself (demo corpus, teacher sampling), which stay in `curate`:
+Everything that reads or writes the stage's files, apart from grading, teacher sampling and
+the report, which stay in `curate`:
 
   - `problem_key` (a problem's grouping key) and atomic file / JSON writes;
-  - the lazy input record stream (JSONL lines, Parquet batches) and the parsing of one record
-    into the canonical form, with its malformed-record reasons;
+  - the demo input (a rollout file built from the synthetic demo corpus), the lazy input record
+    stream (JSONL lines, Parquet batches) and the parsing of one record into the canonical
+    form, with its malformed-record reasons;
   - the chunk directory's manifest (what the chunk files depend on) and its reuse check;
   - the final pass: chunk files -> midtrain.jsonl (input order) and hash-bucket files, then
     per problem the SFT filter and the DPO pairing (sft.jsonl, dpo_pairs.jsonl).
@@ -27,10 +28,11 @@ from typing import Callable, Iterator, Optional
 
 from ml_collections import ConfigDict
 
+from phimr_jax.data import demo_corpus
 from phimr_jax.data.pipelines import difficulty_value
 from phimr_jax.data.sources import PARQUET_EXTENSIONS, DataError
 
-CHUNK_DIR, BUCKET_DIR = "chunks", "buckets"
+CHUNK_DIR, BUCKET_DIR, DEMO_DIR = "chunks", "buckets", "demo_input"
 OUTPUTS = {"midtrain": "midtrain.jsonl", "sft": "sft.jsonl", "dpo_pairs": "dpo_pairs.jsonl"}
 PARQUET_BATCH = 1024  # rows decoded at a time
 FLUSH_BYTES = 64 << 20  # bucket lines buffered before they are appended to the bucket files
@@ -60,6 +62,36 @@ def write_json(path: str, obj) -> None:
 
 
 # ------------------------------------------------------------------------------------ input
+
+def demo_rollouts(config: ConfigDict) -> str:
+    """workdir/demo_input/rollouts.jsonl: per demo problem its correct solution and 1 to
+    `demo_wrong` deliberately wrong ones, over two records placed far apart (the first records
+    in problem order, the second ones shuffled after them), either field form. Built once: a
+    rebuilt file would change the chunk manifest."""
+    out_dir = os.path.join(config.workdir, DEMO_DIR)
+    path = os.path.join(out_dir, "rollouts.jsonl")
+    if os.path.exists(path):
+        return path
+    paths = demo_corpus.generate(out_dir, n_train=config.demo_problems, n_heldout=0,
+                                 seed=config.seed)
+    rng = random.Random(config.seed)
+    first, second = [], []
+    with open(paths["train"], encoding="utf-8") as f:
+        for line in f:
+            rec = json.loads(line)
+            base = {k: rec[k] for k in ("problem", "answer", "difficulty", "domain")}
+            wrong = [demo_corpus.wrong_solution(rec, rng)["solution"]
+                     for _ in range(rng.randint(1, config.demo_wrong))]
+            if rng.random() < 0.5:  # correct alone (a string), the wrong ones later (a list)
+                first.append({**base, "rollout": rec["solution"]})
+                second.append({**base, "rollout": wrong})
+            else:  # a list with a wrong one first, any other wrong one later
+                first.append({**base, "rollout": [wrong[0], rec["solution"]]})
+                second += [{**base, "rollout": w} for w in wrong[1:]]
+    rng.shuffle(second)
+    write_atomic(path, lambda f: f.writelines(json.dumps(r) + "\n" for r in first + second))
+    return path
+
 
 def raw_records(files: list[str], fields: dict) -> Iterator[tuple[str, int, object]]:
     """(path, 1-based line or row, raw) for every input record in order. raw is a JSONL line's
@@ -125,7 +157,7 @@ def parse(raw, fields: dict) -> dict:
     return rec
 
 
-# ---------------------------------------------------------------------------------- chunk files
+# ------------------------------------------------------------------------------ chunk files
 
 def manifest(files: list[str], fields: dict, config: ConfigDict) -> dict:
     """What the chunk files depend on: a rerun with another manifest must not reuse them."""

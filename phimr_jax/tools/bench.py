@@ -205,7 +205,7 @@ def matmul_ceiling(dtype: str, n: int, repeats: int = 5) -> float:
 def model_flops_per_token_pair(cfg) -> tuple[int, int]:
     """(matmul parameters: layers without norms + the LM head, attention FLOPs per visible
     (query, key) pair per layer in fwd + bwd: 3 x 2 matmuls x 2 x heads x head_dim)."""
-    from phimr_jax.model.phi3 import layer_param_shapes
+    from phimr_jax.model.layer_stack import layer_param_shapes
 
     per_layer = sum(int(np.prod(s)) for n, s in layer_param_shapes(cfg).items()
                     if not n.endswith("norm"))

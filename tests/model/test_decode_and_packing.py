@@ -157,7 +157,7 @@ def test_unscanned_layers_match_scanned(model, remat):
     model's logits, gradients and KV-cache decode, so checkpoints move freely between them."""
     from flax import nnx
 
-    from phimr_jax.train.trainer import with_model_config
+    from phimr_jax.train.state import with_model_config
     looped = with_model_config(model, scan_layers=False, remat_policy=remat)
     scanned = with_model_config(model, remat_policy=remat)
     ids = _ids(3, (2, 24))

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from phimr_jax.stages import curate as cur
+from phimr_jax.stages import curate_io as cio
 from phimr_jax.evaluation.rewards import RewardPool, math_reward
 from tests.data import write_jsonl
 
@@ -105,11 +106,11 @@ def _config(workdir, rollouts, **overrides):
 
 
 def _outputs(workdir):
-    return {name: open(os.path.join(workdir, f)).read() for name, f in cur.OUTPUTS.items()}
+    return {name: open(os.path.join(workdir, f)).read() for name, f in cio.OUTPUTS.items()}
 
 
 def _lines(workdir, name):
-    return [json.loads(x) for x in open(os.path.join(workdir, cur.OUTPUTS[name]))]
+    return [json.loads(x) for x in open(os.path.join(workdir, cio.OUTPUTS[name]))]
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +205,7 @@ def test_pairing_is_deterministic_given_the_seed(base, tmp_path, pool):
 
 
 def test_many_buckets_give_the_same_datasets(base, tmp_path, pool, monkeypatch):
-    monkeypatch.setattr(cur, "FLUSH_BYTES", 300)  # appends to the bucket files several times
+    monkeypatch.setattr(cio, "FLUSH_BYTES", 300)  # appends to the bucket files several times
     workdir, report = _rerun(base, tmp_path, pool, bucket_mb=0.0005)
     assert report["run"]["buckets"] >= 4
     assert {k: v for k, v in report.items() if k != "run"} == \
@@ -220,7 +221,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(base, tmp_path, pool
     work = tmp_path / "resumed"
     counting = CountingPool(pool)
     assert cur.curate(_config(work, path, stop_after_chunks=2), pool=counting) is None
-    chunks = os.path.join(work, cur.CHUNK_DIR)
+    chunks = os.path.join(work, cio.CHUNK_DIR)
     assert sorted(f for f in os.listdir(chunks) if f.endswith(".done")) == ["00000.done",
                                                                             "00001.done"]
     assert not os.path.exists(os.path.join(work, "midtrain.jsonl"))
@@ -290,7 +291,7 @@ def test_demo_preset_end_to_end(tmp_path, pool):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "| outputs.dpo_pairs |" in res.stdout
     report = json.load(open(work / "report.json"))
-    records = [json.loads(x) for x in open(work / cur.DEMO_DIR / "rollouts.jsonl")]
+    records = [json.loads(x) for x in open(work / cio.DEMO_DIR / "rollouts.jsonl")]
     assert report["rollouts"]["correct"] == report["outputs"]["midtrain"] == 60
     assert report["rollouts"]["incorrect"] == report["rollouts"]["wrong"] == \
         sum(len(r["rollout"]) if isinstance(r["rollout"], list) else 1 for r in records) - 60

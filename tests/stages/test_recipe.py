@@ -32,7 +32,7 @@ def _check_export_generates_like_our_sampler(hf_dir, run_dir, torch):
 
     from phimr_jax.data.tokenizers import format_prompt, load_tokenizer
     from phimr_jax.model.sampling import generate
-    from phimr_jax.train.trainer import with_model_config
+    from phimr_jax.train.state import with_model_config
     question = "Compute 12 + 5."
     hf_tok = AutoTokenizer.from_pretrained(hf_dir)
     text = hf_tok.apply_chat_template([{"role": "user", "content": question}],

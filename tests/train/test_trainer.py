@@ -15,6 +15,7 @@ from phimr_jax.train import checkpointing, losses, trainer
 from phimr_jax.train.config_base import train_config
 from phimr_jax.train.metrics import read_metrics
 from phimr_jax.train.optim import make_optimizer
+from phimr_jax.train.state import _global_batch
 
 TINY = dict(initializer_range=0.125)
 
@@ -82,7 +83,7 @@ def _step_once(mesh_shape, devices, accum=1):
     batch = dict(_batches(1)[0], poison=np.ones((8,), np.float32))
     with jax.set_mesh(mesh):
         step = jax.jit(trainer._make_step(graphdef, stage, tx, accum))
-        gb = trainer._global_batch(batch, mesh, sharding.DEFAULT_RULES)
+        gb = _global_batch(batch, mesh, sharding.DEFAULT_RULES)
         new, _, metrics = step(params, tx.init(params), gb)
     return jax.tree.map(np.asarray, new), {k: float(v) for k, v in metrics.items()}
 

@@ -279,7 +279,7 @@ def make_score_fn(config, layout: str, chunk_rows: int) -> Callable:
     """(module, reference or None, rows) -> {"old_logp", "ref_logp", ["old_values"]} numpy,
     computed by the loss's own forward in microbatches of `chunk_rows` rows."""
     from phimr_jax.train.losses import token_logprobs
-    from phimr_jax.train.trainer import replicated_batch
+    from phimr_jax.train.state import replicated_batch
     chunk = int(config.loss.chunk_size)
 
     @jax.jit

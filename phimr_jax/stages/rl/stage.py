@@ -150,7 +150,7 @@ def _reference(config: ConfigDict):
     """The frozen initial policy for the KL term (None when kl_beta == 0)."""
     if not config.rl.kl_beta:
         return None
-    from phimr_jax.train.trainer import _init_model, with_model_config
+    from phimr_jax.train.state import _init_model, with_model_config
     mesh, rules = mesh_and_rules(config)
     model, _, source = _init_model(config, mesh, rules)
     log.info("KL reference: %s", source)
