@@ -229,7 +229,7 @@ def section_rl_memory(d: ConfigDict, checks: list, out: dict) -> None:
     rng = np.random.default_rng(5)
     ids = rng.integers(4, cfg.vocab_size, size=(b, t + 1)).astype(np.int32)
     mask = np.zeros((b, t), np.float32)
-    mask[:, c.prompt_len - 1:] = 1.0  # completion tokens (as rl_rollouts marks them)
+    mask[:, c.prompt_len - 1:] = 1.0  # completion tokens (as stages/rl/rollouts marks them)
     batch = {"inputs": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": mask,
              "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)),
              "segment_ids": np.ones((b, t), np.int32),
@@ -238,7 +238,7 @@ def section_rl_memory(d: ConfigDict, checks: list, out: dict) -> None:
              "advantages": np.ones((b,), np.float32), "fresh": np.ones((b,), np.float32),
              "long_rope": np.full((b,), int(t > cfg.original_max_position_embeddings),
                                   np.int32),
-             # RL scores at the sampling temperature over the tokenizer's ids (rl_rollouts).
+             # RL scores at the sampling temperature over the tokenizer's ids (stages/rl/rollouts).
              "temperature": np.full((b,), 0.6, np.float32),
              "vocab_limit": np.full((b,), cfg.vocab_size, np.int32)}
     batch = jax.tree.map(jnp.asarray, batch)

@@ -3,7 +3,7 @@
 Objective (GRPO, DeepSeekMath): for each prompt, G completions from the current policy; reward
 +1 / -1 from Math-Verify; advantage = the reward normalised within its prompt's group; loss =
 clipped importance-ratio surrogate (eps) + optional beta * k3 KL to the frozen reference,
-aggregated per token or per sequence (`rl_objectives.py` documents each choice), optimised for
+aggregated per token or per sequence (`objectives.py` documents each choice), optimised for
 `updates_per_rollout` (mu) passes over each rollout batch. PPO (`rl.algorithm=ppo`): the same
 surrogate with per-token GAE advantages from a learned critic — a copy of the policy with a
 zero-initialised value head (`model/actor_critic.py`) — plus a clipped value loss, both trained
@@ -14,7 +14,7 @@ over the first `anneal_fraction` of the steps (`rollout/temperature`); prompt op
 length uniformity (`filter/length_*`); reward rebalancing — hard prompts oversampled, groups
 above `max_accuracy` dropped, all positives + as many negatives kept (`filter/accuracy_*`,
 `rollout/hard_prompts`). Rollouts are sampled in this process from the parameters being
-trained (`rl_rollouts.py`).
+trained (`rollouts.py`).
 
 Simplifications (documented): a completion cut at max_new_tokens gets -1; the filters run online
 on each rollout batch (not a separate pass over the prompt set); the reference for the KL term
