@@ -10,8 +10,8 @@ phimr_jax/stages/curate.py).
 
 from ml_collections import ConfigDict
 
-from phimr_jax.train.config_base import base_config
 from phimr_jax.evaluation.inference import sampling_config
+from phimr_jax.train.config_base import base_config
 
 
 def get_config(arg=None):

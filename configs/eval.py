@@ -6,8 +6,8 @@ Presets set the field names and samples per problem: math500 (8 samples), aime (
 gpqa (8 samples, multiple choice), demo (the demo corpus' held-out file, greedy-sized budget).
 """
 
-from phimr_jax.train.config_base import base_config
 from phimr_jax.evaluation.inference import sampling_config
+from phimr_jax.train.config_base import base_config
 
 
 def get_config(arg="math500"):

@@ -5,8 +5,8 @@
   (or --config.checkpoint=RUN_DIR to sample from a training run's latest checkpoint)
 """
 
-from phimr_jax.train.config_base import base_config
 from phimr_jax.evaluation.inference import sampling_config
+from phimr_jax.train.config_base import base_config
 
 
 def get_config(arg=None):

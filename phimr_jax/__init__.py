@@ -6,8 +6,8 @@ Public API: `load_hf(path)` -> model, `save_hf(model, path)`, `generate(model, p
 
 from phimr_jax.model import (CheckpointError, ConfigError, ModelConfig, Phi3ForCausalLM, load_hf,
                              save_hf)
-from phimr_jax.model.sampling import GenerateResult, generate
 from phimr_jax.evaluation.rewards import RewardPool, math_reward
+from phimr_jax.model.sampling import GenerateResult, generate
 
 __version__ = "0.1.0"
 __all__ = ["load_hf", "save_hf", "generate", "GenerateResult", "math_reward", "RewardPool",

@@ -28,8 +28,8 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from phimr_jax.data.sources import open_records
-from phimr_jax.model.sharding import axis_rules
 from phimr_jax.evaluation.inference import load_model_and_tokenizer, sample_questions
+from phimr_jax.model.sharding import axis_rules
 
 log = logging.getLogger(__name__)
 

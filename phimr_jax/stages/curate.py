@@ -251,8 +251,8 @@ def _teacher_rollouts(config: ConfigDict) -> tuple[str, dict]:
     kept, so an interrupted run samples only what is missing). Returns (glob, report info)."""
     import jax
 
-    from phimr_jax.model.sharding import axis_rules
     from phimr_jax.evaluation.inference import load_model_and_tokenizer, sample_questions
+    from phimr_jax.model.sharding import axis_rules
     from phimr_jax.train.metrics import Countdown
 
     if jax.process_count() > 1:

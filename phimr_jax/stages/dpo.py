@@ -41,8 +41,8 @@ from ml_collections import ConfigDict
 from phimr_jax.data import demo_corpus
 from phimr_jax.data.pairs import dpo_dataset, kept_pairs, pair_batches
 from phimr_jax.data.sources import open_records
-from phimr_jax.train import losses
 from phimr_jax.stages import distill
+from phimr_jax.train import losses
 from phimr_jax.train.state import replicated_batch
 from phimr_jax.train.trainer import Stage, train
 

@@ -210,8 +210,8 @@ def section_decode(d: ConfigDict, checks: list, out: dict,
 def section_rl_memory(d: ConfigDict, checks: list, out: dict) -> None:
     import optax
 
-    from phimr_jax.train import memory
     from phimr_jax.stages.rl.stage import grpo_batch_loss
+    from phimr_jax.train import memory
 
     c = d.rl_memory
     cfg = preset(c.model_preset, **dict(c.model_overrides), attention_impl=c.attention_impl,

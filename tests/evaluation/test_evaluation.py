@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from phimr_jax.evaluation.harness import (MATH_SUFFIX, by_difficulty, load_problems, pass_at_1,
-                                        pass_at_k)
+                                          pass_at_k)
 from tests.data import demo_paths, sp_model, write_jsonl
 from tests.test_configs import load
 

@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
+from phimr_jax.evaluation.rewards import RewardPool, math_reward
 from phimr_jax.stages import curate as cur
 from phimr_jax.stages import curate_io as cio
-from phimr_jax.evaluation.rewards import RewardPool, math_reward
 from tests.data import write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -15,8 +15,8 @@ import pytest
 from phimr_jax.data.pairs import pair_rows
 from phimr_jax.model import config as mc
 from phimr_jax.model.phi3 import init_model
-from phimr_jax.train import checkpointing
 from phimr_jax.stages.dpo import REFERENCE_FILE, dpo_loss, pair_loss, sequence_logps
+from phimr_jax.train import checkpointing
 from phimr_jax.train.metrics import read_metrics
 from tests.data import sp_model
 

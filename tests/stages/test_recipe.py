@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from phimr_jax.train import checkpointing
 from phimr_jax.stages import recipe
+from phimr_jax.train import checkpointing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STAGES = ("midtrain", "sft", "dpo", "rl")

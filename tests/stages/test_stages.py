@@ -9,9 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from phimr_jax.train import checkpointing
 from phimr_jax.stages import sft
 from phimr_jax.stages.distill import resolve_tokenizer
+from phimr_jax.train import checkpointing
 from phimr_jax.train.metrics import read_metrics
 from tests.test_configs import load
 

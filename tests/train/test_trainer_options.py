@@ -11,8 +11,8 @@ from ml_collections import ConfigDict
 
 from phimr_jax.model import config as mc
 from phimr_jax.model.phi3 import init_model
-from phimr_jax.train import checkpointing, losses
 from phimr_jax.stages import midtrain
+from phimr_jax.train import checkpointing, losses
 from phimr_jax.train.config_base import data_config, train_config
 from phimr_jax.train.metrics import read_metrics
 from phimr_jax.train.optim import schedule

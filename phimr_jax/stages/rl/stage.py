@@ -37,12 +37,12 @@ from ml_collections import ConfigDict
 
 from phimr_jax.data.pipelines import difficulty_value
 from phimr_jax.data.sources import open_records
-from phimr_jax.train import checkpointing, losses
+from phimr_jax.evaluation.rewards import RewardPool
 from phimr_jax.stages import distill
 from phimr_jax.stages.rl import objectives as obj
-from phimr_jax.train.config_base import mesh_and_rules
-from phimr_jax.evaluation.rewards import RewardPool
 from phimr_jax.stages.rl.rollouts import RolloutIterator, make_score_fn
+from phimr_jax.train import checkpointing, losses
+from phimr_jax.train.config_base import mesh_and_rules
 from phimr_jax.train.trainer import Stage, train
 
 log = logging.getLogger(__name__)

@@ -17,12 +17,12 @@ from phimr_jax.model import sampling
 from phimr_jax.model.actor_critic import ActorCritic
 from phimr_jax.model.config import preset
 from phimr_jax.model.phi3 import init_model
-from phimr_jax.train import checkpointing, losses
 from phimr_jax.stages.rl import stage as rl
 from phimr_jax.stages.rl import objectives as obj
 from phimr_jax.stages.rl import stabilisers as st
-from phimr_jax.train.metrics import read_metrics
 from phimr_jax.stages.rl.rollouts import RolloutIterator, make_score_fn
+from phimr_jax.train import checkpointing, losses
+from phimr_jax.train.metrics import read_metrics
 from tests.data import demo_paths, sp_model, write_jsonl
 from tests.test_configs import load
 from tests.train.test_metrics import assert_tensorboard_matches_metrics
