@@ -228,3 +228,41 @@ def test_rl_two_processes_match_one(tmp_path):
     for g, w in rows:
         for k in keys:
             assert g[k] == pytest.approx(w[k], rel=1e-4, abs=1e-6), (g["step"], k)
+
+
+# Two processes, 2 devices each; process 1 arrives LATE_S late at the first all-gather over
+# all 4 devices (as when it is still compiling on busy cores). Every process prints the
+# gathered array.
+LATE_GATHER = r"""
+import sys
+import time
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from phimr_jax.model.sharding import gather_to_every_process
+
+pid, address, late_s = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+jax.distributed.initialize(address, num_processes=2, process_id=pid)
+mesh = Mesh(np.array(jax.devices()), ("data",))
+sharding = NamedSharding(mesh, P("data"))
+rows = {d: np.full((1, 3), jax.devices().index(d), np.float32) for d in jax.local_devices()}
+x = jax.make_array_from_single_device_arrays(
+    (4, 3), sharding, [jax.device_put(rows[d], d) for d in jax.local_devices()])
+if pid == 1:
+    time.sleep(late_s)
+print("GATHERED", np.asarray(gather_to_every_process(x))[:, 0].tolist(), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_gather_waits_for_a_process_that_arrives_late(tmp_path):
+    """XLA's gloo collectives give a new device clique 30 s to connect; the coordination
+    service's barrier before every cross-process gather lets a process arrive 40 s late (the
+    CI failure: rank 1 still compiling the sampler while rank 0 gathered)."""
+    address = f"127.0.0.1:{_free_port()}"
+    cmds = [[sys.executable, "-c", LATE_GATHER, str(i), address, "40"] for i in range(2)]
+    logs = _launch(cmds, [_env(2)] * 2, tmp_path, "late_gather")
+    for log in logs:
+        got = [ln for ln in log.splitlines() if ln.startswith("GATHERED")]
+        assert got, log[-2000:]
+        assert sorted(eval(got[0][len("GATHERED"):])) == [0.0, 1.0, 2.0, 3.0]

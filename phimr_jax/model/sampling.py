@@ -38,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from phimr_jax.model.cache import StepCache
-from phimr_jax.model.sharding import MESH_AXES, constrain, current_rules, logical_to_spec
+from phimr_jax.model.sharding import (MESH_AXES, constrain, current_rules, gather_to_every_process,
+                                      logical_to_spec)
 
 _NEG = -1e30
 
@@ -288,8 +289,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
         jnp.int32(vocab_limit or cfg.vocab_size), budget=budget, hf_rope=rope_mode == "hf",
         reencode_rows=_batch_shards(bsz))
     if jax.process_count() > 1:  # rows are sharded over hosts: every process gets them all
-        from jax.experimental import multihost_utils
-        out, lp, slp = multihost_utils.process_allgather((out, lp, slp), tiled=True)
+        out, lp, slp = gather_to_every_process((out, lp, slp))
     out, lp, slp = np.asarray(out)[:n], np.asarray(lp)[:n], np.asarray(slp)[:n]
     tokens, lps, slps, lengths, reasons = [], [], [], [], []
     for i in range(n):

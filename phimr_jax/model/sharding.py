@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 import math
 from typing import Any, Iterable, Optional, Sequence
 
@@ -163,5 +164,37 @@ def host_local_array(x: jax.Array) -> np.ndarray:
     """Full value of a (possibly sharded, multi-process) array as numpy on this host."""
     if x.is_fully_addressable:
         return np.asarray(x)
+    return np.asarray(gather_to_every_process(x))
+
+
+_BARRIERS = itertools.count()  # every process calls in the same order, so the names agree
+BARRIER_TIMEOUT_MS = 30 * 60 * 1000
+
+
+def gather_to_every_process(tree):
+    """`process_allgather(tree, tiled=True)`, after a barrier that holds every process until
+    all of them have computed `tree`.
+
+    Why the barrier: XLA's gloo CPU collectives connect a new clique (a set of devices first
+    used together by a collective) through the coordination service with a fixed 30 s limit.
+    When one process is still compiling or sampling (two processes sharing 2 busy cores), the
+    other's first all-gather fails with "Gloo context initialization failed: DEADLINE_EXCEEDED".
+    The coordination service's own barrier waits as long as we ask; once every process stands
+    at it, the clique connects at once. On one process this is plain `np.asarray`.
+    """
     from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, tree)
+    jax.block_until_ready(tree)
+    sync_processes("gather")
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def sync_processes(tag: str) -> None:
+    """Wait until every process reaches this call (the distributed runtime's barrier, no
+    device collective). No-op on one process."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # the client jax.distributed.initialize started
+    distributed.global_state.client.wait_at_barrier(
+        f"phimr_{tag}_{next(_BARRIERS)}", timeout_in_ms=BARRIER_TIMEOUT_MS)

@@ -36,10 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from phimr_jax.model.actor_critic import PARAM_LAYOUTS
 from phimr_jax.model.sampling import generate, rope_regime
+from phimr_jax.model.sharding import gather_to_every_process
 from phimr_jax.stages.rl import objectives as obj
 from phimr_jax.stages.rl import stabilisers as st
 
@@ -306,7 +306,7 @@ def make_score_fn(config, layout: str, chunk_rows: int) -> Callable:
                         for k, v in part.items()}
             got = fn(model, {k: replicated_batch(v) for k, v in part.items()})
             if jax.process_count() > 1:  # every process keeps the whole rollout batch
-                got = multihost_utils.process_allgather(got, tiled=True)
+                got = gather_to_every_process(got)
             out.append(np.asarray(got)[:chunk_rows - short])
         return np.concatenate(out)
 
