@@ -13,7 +13,8 @@ optional evaluation. The trainer owns everything else:
   params/opt state donated; mixed precision by the model's dtype policy (f32 master weights);
 - Orbax CheckpointManager (every N steps, keep K, async): params, opt_state, train_state (step,
   seed), the grain iterator (one file per process) and run_info; on start the latest checkpoint
-  is restored, so a killed run continues bit-exactly; SIGTERM saves and exits cleanly; a
+  is restored, so a killed run continues bit-exactly; SIGTERM saves and exits the process
+  (status 0, `Preempted`: a recipe does not go on to its next stage); a
   non-finite loss stops the run before anything non-finite is saved;
 - metrics averaged over each log window with clu; each logged step goes through one
   `MetricWriter` to `metrics.jsonl`, TensorBoard and (optional) W&B, and one console line.
@@ -54,6 +55,18 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; the run stopped and kept its last good checkpoint."""
 
     exit_code = 3  # main.py prints the message and exits with this status.
+
+
+class Preempted(SystemExit):
+    """Raised once a SIGTERM (a preemption, a scheduler's stop) has been answered with a saved
+    checkpoint: the process was asked to stop, so nothing after the stage may run. A recipe
+    must not mark the half-trained stage DONE and go on to the next stage from it (it did: a
+    SIGTERM at step 31 of 600 gave stage 2 a 31-step model). Exits with status 0, as a clean
+    stop; rerunning the command resumes the stage from the saved step."""
+
+    def __init__(self, step: int):
+        super().__init__(0)
+        self.step = step
 
 
 @dataclasses.dataclass
@@ -294,7 +307,7 @@ class _Loop:
     def run(self, step_fn, params, opt_state, step, mesh, rules) -> dict:
         config, total = self.config, self.total_steps
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
-        window, last = None, {}
+        window, last, preempted_at = None, {}, None
         progress = Progress(total, step)
         try:
             use_params = getattr(self.data_iter, "use_params", None)
@@ -343,6 +356,7 @@ class _Loop:
                 if preempted:
                     self.mngr.wait_until_finished()
                     log.warning("SIGTERM: saved step %d and stopping", step)
+                    preempted_at = step
                     break
         finally:
             self.mngr.wait_until_finished()
@@ -350,6 +364,8 @@ class _Loop:
             self.writer.close()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
+        if preempted_at is not None:
+            raise Preempted(preempted_at)
         return {"step": step, **last}
 
     def _on_sigterm(self, *_):

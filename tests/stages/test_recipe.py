@@ -166,3 +166,26 @@ def test_recipe_seed_reaches_every_stage_and_the_evaluation(tmp_path, monkeypatc
     rows = recipe.run(config)
     assert [r["stage"] for r in rows] == ["start (before stage 1)", "+ midtrain", "+ sft",
                                           "+ dpo", "+ rl"]
+
+
+def test_a_preempted_stage_is_not_marked_done_and_the_recipe_stops(tmp_path, monkeypatch):
+    """SIGTERM in stage 1 (`trainer.Preempted` after its save): no DONE marker, no stage 2, and
+    the process exits with status 0; the rerun runs stage 1 again (it resumes from its save)."""
+    from phimr_jax.train import trainer
+    from tests.test_configs import load
+    config = load("recipe", "demo")
+    config.workdir, config.export_dir = str(tmp_path), ""
+    ran = []
+
+    def preempted_stage(name, stage):
+        os.makedirs(stage.workdir, exist_ok=True)
+        ran.append(name)
+        raise trainer.Preempted(31)
+    monkeypatch.setattr(recipe, "_run_stage", preempted_stage)
+    with pytest.raises(SystemExit) as stop:
+        recipe.run(config)
+    assert stop.value.code == 0 and ran == ["midtrain"]
+    assert not (tmp_path / "midtrain" / "DONE").exists()
+    with pytest.raises(SystemExit):
+        recipe.run(config)
+    assert ran == ["midtrain", "midtrain"]

@@ -1,6 +1,9 @@
 """The shared trainer on a synthetic stage: sharded == single-device, accumulation, packing,
 NaN stop, SIGTERM, and bit-exact resume."""
 
+import os
+import signal
+
 import grain
 import jax
 import jax.numpy as jnp
@@ -156,6 +159,50 @@ def test_nan_stops_run_and_keeps_last_good_checkpoint(tmp_path):
     model, _, _ = checkpointing.restore_model(str(tmp_path))
     assert all(np.isfinite(np.asarray(v)).all()
                for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def test_sigterm_saves_and_raises_preempted_so_nothing_after_the_stage_runs(tmp_path):
+    """A SIGTERM during step 3 is answered with a checkpoint at step 3, then `Preempted`
+    (SystemExit, status 0): a caller such as the recipe cannot go on as if the stage had
+    finished. Rerunning resumes from step 3 and finishes."""
+    batches = _batches(8)
+    stage = _stage(batches)
+    make_data = stage.make_data
+
+    class TermAtThirdBatch(grain.IterDataset):
+        def __init__(self, parent):
+            super().__init__(parent)
+
+        def __iter__(self):
+            inner = iter(self._parent)
+
+            class It(grain.DatasetIterator):
+                def __init__(self):
+                    super().__init__(inner)
+                    self.count = 0
+
+                def __next__(self):
+                    self.count += 1
+                    if self.count == 3:
+                        os.kill(os.getpid(), signal.SIGTERM)
+                    return next(inner)
+
+                def get_state(self):
+                    return inner.get_state()
+
+                def set_state(self, state):
+                    inner.set_state(state)
+            return It()
+
+    stage.make_data = lambda config, tok: (TermAtThirdBatch(make_data(config, tok)[0]),
+                                           make_data(config, tok)[1])
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(trainer.Preempted) as stop:
+        trainer.train(_config(tmp_path, 8), stage)
+    assert stop.value.code == 0 and stop.value.step == 3
+    assert checkpointing.latest_step(str(tmp_path)) == 3
+    assert signal.getsignal(signal.SIGTERM) == before  # the trainer's handler is removed
+    assert trainer.train(_config(tmp_path, 8), _stage(batches))["step"] == 8
 
 
 def test_resume_is_bit_exact(tmp_path):
