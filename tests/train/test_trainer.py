@@ -194,8 +194,10 @@ def test_sigterm_saves_and_raises_preempted_so_nothing_after_the_stage_runs(tmp_
                     inner.set_state(state)
             return It()
 
-    stage.make_data = lambda config, tok: (TermAtThirdBatch(make_data(config, tok)[0]),
-                                           make_data(config, tok)[1])
+    def make_terminating_data(config, tok):
+        data, stats = make_data(config, tok)
+        return TermAtThirdBatch(data), stats
+    stage.make_data = make_terminating_data
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(trainer.Preempted) as stop:
         trainer.train(_config(tmp_path, 8), stage)
