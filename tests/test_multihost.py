@@ -230,39 +230,63 @@ def test_rl_two_processes_match_one(tmp_path):
             assert g[k] == pytest.approx(w[k], rel=1e-4, abs=1e-6), (g["step"], k)
 
 
-# Two processes, 2 devices each; process 1 arrives LATE_S late at the first all-gather over
-# all 4 devices (as when it is still compiling on busy cores). Every process prints the
-# gathered array.
-LATE_GATHER = r"""
+# Two processes, 2 devices each; process 1 arrives late (as when it is still compiling on busy
+# cores) at the first collective over all 4 devices: a cross-process gather ("gather"), or a
+# jitted all-reduce through `RunsTogether` ("run"; "plain_run" is the same without it, which
+# fails). Every process prints what it got.
+LATE = r"""
 import sys
 import time
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from phimr_jax.model.sharding import gather_to_every_process
+from phimr_jax.model.sharding import RunsTogether, gather_to_every_process
 
-pid, address, late_s = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+pid, address, late_s, op = int(sys.argv[1]), sys.argv[2], float(sys.argv[3]), sys.argv[4]
 jax.distributed.initialize(address, num_processes=2, process_id=pid)
 mesh = Mesh(np.array(jax.devices()), ("data",))
 sharding = NamedSharding(mesh, P("data"))
 rows = {d: np.full((1, 3), jax.devices().index(d), np.float32) for d in jax.local_devices()}
 x = jax.make_array_from_single_device_arrays(
     (4, 3), sharding, [jax.device_put(rows[d], d) for d in jax.local_devices()])
+total = jax.jit(lambda a: jnp.sum(a, axis=0), out_shardings=NamedSharding(mesh, P()))
+if op == "run":
+    total = RunsTogether(total)
 if pid == 1:
     time.sleep(late_s)
-print("GATHERED", np.asarray(gather_to_every_process(x))[:, 0].tolist(), flush=True)
+if op == "gather":
+    print("GOT", np.asarray(gather_to_every_process(x))[:, 0].tolist(), flush=True)
+else:
+    print("GOT", np.asarray(total(x).addressable_data(0)).tolist(), flush=True)
 """
+
+
+def _late(tmp_path, op: str) -> list:
+    address = f"127.0.0.1:{_free_port()}"
+    cmds = [[sys.executable, "-c", LATE, str(i), address, "40", op] for i in range(2)]
+    logs = _launch(cmds, [_env(2)] * 2, tmp_path, f"late_{op}")
+    got = []
+    for log in logs:
+        lines = [ln for ln in log.splitlines() if ln.startswith("GOT")]
+        assert lines, log[-2000:]
+        got.append(eval(lines[0][len("GOT"):]))
+    return got
 
 
 @pytest.mark.slow
 def test_gather_waits_for_a_process_that_arrives_late(tmp_path):
     """XLA's gloo collectives give a new device clique 30 s to connect; the coordination
-    service's barrier before every cross-process gather lets a process arrive 40 s late (the
-    CI failure: rank 1 still compiling the sampler while rank 0 gathered)."""
-    address = f"127.0.0.1:{_free_port()}"
-    cmds = [[sys.executable, "-c", LATE_GATHER, str(i), address, "40"] for i in range(2)]
-    logs = _launch(cmds, [_env(2)] * 2, tmp_path, "late_gather")
-    for log in logs:
-        got = [ln for ln in log.splitlines() if ln.startswith("GATHERED")]
-        assert got, log[-2000:]
-        assert sorted(eval(got[0][len("GATHERED"):])) == [0.0, 1.0, 2.0, 3.0]
+    service's barrier before every cross-process gather lets a process arrive 40 s late."""
+    for got in _late(tmp_path, "gather"):
+        assert sorted(got) == [0.0, 1.0, 2.0, 3.0]
+
+
+@pytest.mark.slow
+def test_a_jitted_collective_waits_for_a_process_that_arrives_late(tmp_path):
+    """The same limit inside a jitted computation (the sampler's while_loop, the train step):
+    `RunsTogether` compiles, waits at the barrier,
+    then runs, so a process 40 s late is fine. (With plain jit, op "plain_run", this fails with
+    "Gloo context initialization failed: DEADLINE_EXCEEDED".)"""
+    for got in _late(tmp_path, "run"):
+        assert got == [6.0, 6.0, 6.0]

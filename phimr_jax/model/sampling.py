@@ -38,8 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from phimr_jax.model.cache import StepCache
-from phimr_jax.model.sharding import (MESH_AXES, constrain, current_rules, gather_to_every_process,
-                                      logical_to_spec)
+from phimr_jax.model.sharding import (MESH_AXES, RunsTogether, constrain, current_rules,
+                                      gather_to_every_process, logical_to_spec)
 
 _NEG = -1e30
 
@@ -164,6 +164,7 @@ def _batch_shards(bsz: int) -> int:
     return int(np.prod([mesh.shape[a] for a in axes], dtype=np.int64))
 
 
+@RunsTogether  # its while_loop holds collectives when rows span processes
 @partial(jax.jit, static_argnames=("budget", "hf_rope", "reencode_rows"))
 def _sample(model, ids, segment_ids, positions, live, key, temperature, top_p, top_k, stop_ids,
             limit, fixed_long, vocab_limit, *, budget: int, hf_rope: bool, reencode_rows: int):

@@ -190,6 +190,43 @@ def gather_to_every_process(tree):
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
+class RunsTogether:
+    """A jitted function whose every new compilation first runs on all processes at once.
+
+    Why: a jitted computation over a mesh that spans processes holds collectives, and the first
+    collective over a new set of devices connects a gloo clique with the 30 s limit described
+    in `gather_to_every_process`. A process still compiling (or tokenising, or scoring) more
+    than 30 s after another has started the same computation makes that one fail inside it
+    (`tests/test_multihost.py`, a process 40 s late to a jitted all-reduce). So, on more
+    than one process, a call whose argument signature (tree structure, shapes, dtypes,
+    shardings, static values) is new compiles ahead of time (`lower().compile()`, which fills
+    jit's own compile cache), waits at the coordination service's barrier, then runs. Later
+    calls with a signature already seen go straight to jit. On one process: plain jit.
+    """
+
+    def __init__(self, jitted):
+        self._jitted = jitted
+        self._seen = set()
+
+    def __call__(self, *args, **kwargs):
+        if jax.process_count() > 1:
+            key = _call_signature(args, kwargs)
+            if key not in self._seen:
+                self._jitted.lower(*args, **kwargs).compile()
+                sync_processes("first_run")
+                self._seen.add(key)
+        return self._jitted(*args, **kwargs)
+
+    def __getattr__(self, name):  # lower, _cache_size, clear_cache, ... of the jitted function
+        return getattr(self._jitted, name)
+
+
+def _call_signature(args, kwargs):
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    return treedef, tuple((tuple(x.shape), str(x.dtype), getattr(x, "sharding", None))
+                          if hasattr(x, "shape") else (type(x), x) for x in leaves)
+
+
 def sync_processes(tag: str) -> None:
     """Wait until every process reaches this call (the distributed runtime's barrier, no
     device collective). No-op on one process."""

@@ -41,6 +41,7 @@ from ml_collections import ConfigDict
 from phimr_jax.data import demo_corpus
 from phimr_jax.data.pairs import dpo_dataset, kept_pairs, pair_batches
 from phimr_jax.data.sources import open_records
+from phimr_jax.model.sharding import RunsTogether
 from phimr_jax.stages import distill
 from phimr_jax.train import losses
 from phimr_jax.train.state import replicated_batch
@@ -157,7 +158,8 @@ def _score_pairs(model, source, tokenizer, indices, config) -> np.ndarray:
     per_batch = max(1, config.data.global_batch_size // 2)
     out_sharding = NamedSharding(jax.sharding.get_mesh(), PartitionSpec()) \
         if not mesh.empty else None
-    score = jax.jit(lambda m, b: sequence_logps(m, b, chunk), out_shardings=out_sharding)
+    score = RunsTogether(jax.jit(lambda m, b: sequence_logps(m, b, chunk),
+                                 out_shardings=out_sharding))
     result = np.zeros((len(indices), 2), np.float32)
     at = 0
     for idx, rows in pair_batches(source, tokenizer, indices, config.data.seq_len, per_batch):

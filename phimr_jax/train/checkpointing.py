@@ -53,12 +53,19 @@ def save_model(workdir: str, model: Phi3ForCausalLM, step: int, info: dict) -> N
 
 
 def latest_step(workdir: str) -> Optional[int]:
-    if not os.path.isdir(checkpoint_dir(workdir)):
+    """The run's newest finalized checkpoint step, or None, read from the directory alone.
+
+    No CheckpointManager here: creating one syncs every process (an all-gather over all
+    devices), and whether this directory exists yet depends on how far another process's
+    trainer has got. A process that saw it and opened a manager took part in one more
+    collective than one that did not, and a 2-process RL run hung (process 1 waiting in
+    CheckpointManager's all-gather that process 0 had already matched with this one).
+    """
+    root = checkpoint_dir(workdir)
+    if not os.path.isdir(root):
         return None
-    mngr = manager(workdir)
-    step = mngr.latest_step()
-    mngr.close()
-    return step
+    steps = ocp.path.step.checkpoint_steps(root)
+    return max(steps) if steps else None
 
 
 def restore_model(workdir: str, step: Optional[int] = None, mesh=None, rules=DEFAULT_RULES,

@@ -243,8 +243,9 @@ def _train(config, stage, workdir, mesh, rules) -> dict:
     if config.data.global_batch_size % (accum * jax.process_count()):
         raise ValueError("data.global_batch_size must divide into grad_accum_steps x processes")
     _log_memory_estimate(config, model.config, mesh, accum, stage.param_layout)
-    step_fn = jax.jit(_make_step(graphdef, stage, tx, accum), donate_argnums=(0, 1),
-                      out_shardings=(params_sh, opt_sh, None))
+    step_fn = sharding.RunsTogether(jax.jit(_make_step(graphdef, stage, tx, accum),
+                                            donate_argnums=(0, 1),
+                                            out_shardings=(params_sh, opt_sh, None)))
     loop = _Loop(config, stage, mngr, writer, data_iter, info, tokenizer, graphdef, stats,
                  schedule(config.optim, total_steps), total_steps, workdir, policy_of)
     return loop.run(step_fn, params, opt_state, start_step, mesh, rules)

@@ -39,7 +39,7 @@ from flax import nnx
 
 from phimr_jax.model.actor_critic import PARAM_LAYOUTS
 from phimr_jax.model.sampling import generate, rope_regime
-from phimr_jax.model.sharding import gather_to_every_process
+from phimr_jax.model.sharding import RunsTogether, gather_to_every_process
 from phimr_jax.stages.rl import objectives as obj
 from phimr_jax.stages.rl import stabilisers as st
 
@@ -282,12 +282,14 @@ def make_score_fn(config, layout: str, chunk_rows: int) -> Callable:
     from phimr_jax.train.state import replicated_batch
     chunk = int(config.loss.chunk_size)
 
+    @RunsTogether
     @jax.jit
     def policy_logp(model, batch):
         return token_logprobs(model, batch, chunk, long_rope=batch["long_rope"][0] > 0,
                               temperature=batch["temperature"],
                               vocab_limit=batch["vocab_limit"][0])[0]
 
+    @RunsTogether
     @jax.jit
     def values(module, batch):
         return module.values(batch["inputs"], batch["positions"], batch["segment_ids"],
