@@ -21,7 +21,7 @@ def get_config(arg="demo"):
         # kept). The filter (--config.data.min_difficulty) is what the phi4_mini preset's data
         # curation provides instead.
         c.data.min_difficulty = -1.0
-        c.data.seq_len = 160
+        c.data.seq_len = 176  # The longest demo prompt (47 tokens) + solution (122) + EOS.
         c.data.global_batch_size = 16
         c.total_steps = 300  # 4800 of the 30000 demo problems (the model has seen each once).
         c.optim.learning_rate = 2e-4  # 10x below stage 1's 2e-3 (the model is already trained).

@@ -8,19 +8,20 @@
   difficulty 2  two-digit addition with a carry, subtraction with a borrow (arithmetic)
   difficulty 3  two-digit x one-digit multiplication, column by column     (arithmetic)
   difficulty 4  word problems: bags (a product, then + a few more); a      (word_problem)
-                shopping bill (two times-table facts, then their sum)
-  difficulty 5  (a + b) x c: a sum, then a column product; the same as a   (expression,
-                word problem about friends                                  word_problem)
+                shopping bill (two times-table facts, then their column sum)
+  difficulty 5  (a + b) x c: a column sum, then a column product; the same (expression,
+                as a word problem about friends                             word_problem)
 
 Levels 3-5 are chains of the steps levels 1-2 teach plus times-table facts, each written out
-(no multi-digit step done in one go except adding a one-digit number), so a harder level is a
-longer chain of steps the model can learn rather than a step it cannot, and the answers are
+column by column (no multi-digit operation done in one go: every step has a one-digit right
+operand, a fact or a carry), so a harder level is a longer chain of steps the model can learn
+rather than a step it cannot, and the answers are
 two- or three-digit numbers that a chain with a false step rarely hits by luck (the reward
 only reads the boxed answer; README, "demo recipe").
 
 The families themselves (templates, samplers, step-by-step solvers) are `demo_kinds.KINDS`.
 
-Each solution is a short chain of thought (under 60 words) whose every step is an exact integer
+Each solution is a short chain of thought (under 80 words) whose every step is an exact integer
 operation, ending with "The answer is \\boxed{N}."; answers are non-negative integers written as
 strings. Difficulty levels are drawn uniformly. Held-out problems are distinct from each other
 and never appear in train; train problems are distinct too while the level has unused

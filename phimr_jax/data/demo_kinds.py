@@ -93,15 +93,28 @@ def _sample_add2(rng):
             return {"a": a, "b": b}
 
 
-def _add2(p, c):
-    a, b = p["a"], p["b"]
+def _column_add(a, b, c, tens_of_b: bool):
+    """(steps, sum) of a + b column by column: the ones digits, then the rest of a plus the
+    carry (and first b's tens digit when `tens_of_b`: b is a two-digit number). Every step is a
+    one-digit fact or a carry added to a number, the steps levels 1-2 and the column products
+    teach. `tens_of_b` comes from the problem, not from b's value, so a solution whose earlier
+    step slipped has the same shape as the correct one."""
     ones = c(a % 10, "+", b % 10)
-    tens = c(a // 10, "+", b // 10)
-    total_tens = c(tens, "+", ones // 10)
+    head = f"Ones: {a % 10} + {b % 10} = {ones}, write {ones % 10} and carry {ones // 10}. "
+    if tens_of_b:
+        tens = c(a // 10, "+", b // 10)
+        total_tens = c(tens, "+", ones // 10)
+        head += (f"Tens: {a // 10} + {b // 10} = {tens}, plus the carry: {tens} + {ones // 10} "
+                 f"= {total_tens}. ")
+    else:
+        total_tens = c(a // 10, "+", ones // 10)
+        head += f"Tens: {a // 10} + {ones // 10} = {total_tens}. "
     r = total_tens * 10 + ones % 10
-    return (f"Ones: {a % 10} + {b % 10} = {ones}, write {ones % 10} and carry {ones // 10}. "
-            f"Tens: {a // 10} + {b // 10} = {tens}, plus the carry: {tens} + {ones // 10} = "
-            f"{total_tens}. So {a} + {b} = {r}."), r
+    return f"{head}So {a} + {b} = {r}.", r
+
+
+def _add2(p, c):
+    return _column_add(p["a"], p["b"], c, tens_of_b=True)
 
 
 def _sample_sub2(rng):
@@ -154,8 +167,8 @@ def _sample_bags(rng):
 
 def _bags(p, c):
     steps, total = _column_mul(p["b"], p["a"], c)
-    r = c(total, "+", p["c"])
-    return f"{steps} With {p['c']} more: {total} + {p['c']} = {r}.", r
+    added, r = _column_add(total, p["c"], c, tens_of_b=False)
+    return f"{steps} With {p['c']} more: {added}", r
 
 
 def _sample_shop(rng):
@@ -166,9 +179,9 @@ def _sample_shop(rng):
 def _shop(p, c):
     pens = c(p["a"], "×", p["b"])
     books = c(p["c"], "×", p["d"])
-    r = c(pens, "+", books)
+    added, r = _column_add(pens, books, c, tens_of_b=True)  # books: up to 81
     return (f"Pens cost {p['a']} × {p['b']} = {pens} dollars. Notebooks cost {p['c']} × "
-            f"{p['d']} = {books} dollars. Total: {pens} + {books} = {r} dollars."), r
+            f"{p['d']} = {books} dollars. Total: {added}"), r
 
 
 def _sample_paren(rng):
@@ -179,9 +192,9 @@ def _sample_paren(rng):
 
 
 def _paren(p, c):
-    s = c(p["a"], "+", p["b"])
+    added, s = _column_add(p["a"], p["b"], c, tens_of_b=False)
     steps, r = _column_mul(s, p["c"], c)
-    return f"Parentheses first: {p['a']} + {p['b']} = {s}. {steps}", r
+    return f"Parentheses first: {added} {steps}", r
 
 
 def _sample_friends(rng):
@@ -189,9 +202,9 @@ def _sample_friends(rng):
 
 
 def _friends(p, c):
-    s = c(p["a"], "+", p["b"])
+    added, s = _column_add(p["a"], p["b"], c, tens_of_b=False)
     steps, r = _column_mul(s, p["c"], c)
-    return f"Each friend has {p['a']} + {p['b']} = {s} {p['item']}. {steps}", r
+    return f"Each friend has {added} {steps}", r
 
 
 def _pair(rng, lo, hi):

@@ -64,7 +64,22 @@ def test_records_are_correct_and_well_formed(corpus):
         assert steps, r["solution"]
         for a, op, b, c in steps:
             assert OPS[op](int(a), int(b)) == int(c), r["solution"]
-        assert len(r["solution"].split()) < 60
+        assert len(r["solution"].split()) < 80
+
+
+def test_every_step_is_one_the_model_meets_at_levels_1_and_2(corpus):
+    """No multi-digit operation is done in one go: each written step (other than the "So
+    a op b = c" that restates a column's result) has a one-digit right operand (a one-digit
+    fact, a times-table fact, a carry added to a number) or is level 2's borrow (+ 10). A
+    one-shot "63 + 21 = 84" or "47 + 8 = 55" would be a fact per number pair, which held-out
+    problems mostly ask for unseen (README, "demo recipe")."""
+    _, train, heldout = corpus
+    for r in train + heldout:
+        for m in EQUATION.finditer(r["solution"]):
+            if r["solution"][:m.start()].endswith("So "):
+                continue
+            a, op, b, _ = m.groups()
+            assert int(b) < 10 or (op == "+" and b == "10"), (m.group(0), r["solution"])
 
 
 def test_difficulty_spread_and_domains(corpus):

@@ -17,6 +17,9 @@ DTYPES = {"inputs": np.int32, "targets": np.int32, "loss_mask": np.float32,
           "positions": np.int32, "segment_ids": np.int32}
 
 
+FITS = 320  # Row length that every demo record fits (the longest is 273 tokens with `tok`).
+
+
 @pytest.fixture(scope="module")
 def tok():
     return load_tokenizer("sentencepiece", sp_model())
@@ -173,7 +176,7 @@ def test_checkpoint_restore_is_bit_exact(builder, k, kwargs, tok, source):
     batches per epoch), save, take 6 more across the epoch boundary; a rebuilt pipeline
     restored from the saved state gives the same 6."""
     def build():
-        return builder(source, tok, seq_len=256, batch_size=4, seed=7, num_epochs=None,
+        return builder(source, tok, seq_len=FITS, batch_size=4, seed=7, num_epochs=None,
                        **kwargs)[0]
     it = iter(build())
     for _ in range(k):
@@ -192,7 +195,7 @@ def test_checkpoint_restore_is_bit_exact(builder, k, kwargs, tok, source):
 
 def test_determinism_seeds_and_epochs(tok, source):
     def order(seed, num_epochs=1):
-        ds, _ = sft_dataset(source, tok, seq_len=256, batch_size=1, seed=seed,
+        ds, _ = sft_dataset(source, tok, seq_len=FITS, batch_size=1, seed=seed,
                             num_epochs=num_epochs)
         return [_key(b["inputs"][0][b["segment_ids"][0] > 0]) for b in iter(ds)]
     first = order(0, num_epochs=2)
@@ -200,8 +203,8 @@ def test_determinism_seeds_and_epochs(tok, source):
     epoch1, epoch2 = first[:len(source)], first[len(source):]
     assert sorted(epoch1) == sorted(epoch2) and epoch1 != epoch2  # reshuffled each epoch
     assert order(1) != epoch1
-    a, _ = midtrain_dataset(source, tok, seq_len=256, batch_size=2, seed=3, num_epochs=1)
-    b, _ = midtrain_dataset(source, tok, seq_len=256, batch_size=2, seed=3, num_epochs=1)
+    a, _ = midtrain_dataset(source, tok, seq_len=FITS, batch_size=2, seed=3, num_epochs=1)
+    b, _ = midtrain_dataset(source, tok, seq_len=FITS, batch_size=2, seed=3, num_epochs=1)
     for x, y in zip(_batches(a), _batches(b)):
         np.testing.assert_array_equal(x["inputs"], y["inputs"])
 
@@ -211,7 +214,7 @@ def test_shards_are_disjoint_and_cover_everything(builder, tok, source):
     examples = _examples_by_key(source, tok)
     shards, records = [], 0
     for shard in range(2):
-        ds, stats = builder(source, tok, seq_len=256, batch_size=1, seed=5, num_epochs=1,
+        ds, stats = builder(source, tok, seq_len=FITS, batch_size=1, seed=5, num_epochs=1,
                             shard_index=shard, shard_count=2)
         records += stats.num_records
         got = set()
@@ -224,7 +227,7 @@ def test_shards_are_disjoint_and_cover_everything(builder, tok, source):
     assert records == len(source)
     assert not shards[0] & shards[1] and shards[0] | shards[1] == set(range(len(source)))
     with pytest.raises(ValueError, match="shard_index 2 not in"):
-        builder(source, tok, seq_len=256, batch_size=1, seed=5, num_epochs=1, shard_index=2,
+        builder(source, tok, seq_len=FITS, batch_size=1, seed=5, num_epochs=1, shard_index=2,
                 shard_count=2)
 
 
