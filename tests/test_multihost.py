@@ -184,9 +184,13 @@ def test_two_processes_match_one_and_resume_from_their_checkpoint(tmp_path):
               f"{abs(got[step] / want[step] - 1):.1e}")
     assert sorted(got) == sorted(want) == [1, 2, 3, 4, 5, 6]
     # Same math on the same data; only the order of cross-device reductions (gloo vs the
-    # in-process all-reduce) may differ, by a few float32 ulps that Adam carries forward.
+    # in-process all-reduce) may differ, by float32 ulps that Adam's first steps amplify.
+    # Measured (2026-12-06, all-column corpus): step 1 6.9e-8, then up to 2.2e-5 (step 4),
+    # falling again to 1e-6 by step 6; with Adam eps 1e-6 instead, 1.1e-5 at steps 4 and 6.
+    # The old corpus stayed under 1e-5. rtol 5e-5 sits above that noise and far below a step
+    # off by one: the loss moves 0.3-0.9 per step here (6.93, 6.51, 5.63, 5.12, 4.70, 4.37).
     np.testing.assert_allclose([got[s] for s in range(1, 7)], [want[s] for s in range(1, 7)],
-                               rtol=1e-5)
+                               rtol=5e-5)
     assert got[6] < got[1]
 
 
