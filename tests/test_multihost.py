@@ -289,8 +289,8 @@ def test_gather_waits_for_a_process_that_arrives_late(tmp_path):
 @pytest.mark.slow
 def test_a_jitted_collective_waits_for_a_process_that_arrives_late(tmp_path):
     """The same limit inside a jitted computation (the sampler's while_loop, the train step):
-    `RunsTogether` compiles, waits at the barrier,
-    then runs, so a process 40 s late is fine. (With plain jit, op "plain_run", this fails with
-    "Gloo context initialization failed: DEADLINE_EXCEEDED".)"""
+    `RunsTogether` compiles, waits at the barrier, then runs, so a process 40 s late is fine.
+    (With plain jit, op "plain_run", this fails with "Gloo context initialization failed:
+    DEADLINE_EXCEEDED".)"""
     for got in _late(tmp_path, "run"):
         assert got == [6.0, 6.0, 6.0]
