@@ -16,7 +16,7 @@ The shared trainer hands the iterator the current parameters before every step
 6. the old log-probs by the trainer's own forward pass on the current parameters (the same
    function and microbatch shape as the loss, so the importance ratio of the first minibatch is
    1 up to the last bit); the sampler's log-probs are compared with them as a per-step check;
-   the reference's log-probs when a KL penalty is on;
+   the reference's log-probs when a KL penalty is on; only for the responses the filters kept;
 7. kept responses shuffled into minibatches of `data.global_batch_size` rows (the last one
    padded with rows that weigh nothing), repeated for `updates_per_rollout` epochs (mu).
 
@@ -193,7 +193,7 @@ class RolloutIterator:
             return 0
         rows = self._rows(policy.config, prompts, result, rewards, keep, temperature)
         t3 = time.perf_counter()
-        self._score(module, rows, result, keep)
+        rows = self._score(module, rows, result)
         self.metrics["time/score_s"] = time.perf_counter() - t3
         self._minibatches(rows)
         return int(keep.sum())
@@ -227,28 +227,32 @@ class RolloutIterator:
         rows["keep"] = keep.reshape(-1)
         return rows
 
-    def _score(self, module, rows, result, keep) -> None:
-        """old log-probs (+ values, reference log-probs) with the trainer's forward, then the
-        algorithm's advantages over whole groups."""
-        out = self.score_fn(module, self.reference, rows)
-        rows.update(out)
+    def _score(self, module, rows, result) -> dict:
+        """The algorithm's advantages over whole groups, then the kept responses only: their old
+        log-probs (+ values, reference log-probs) with the trainer's forward. Only kept rows
+        are scored: with the demo's mostly-right groups that is 30-230 of 512 responses, and
+        scoring was a third of the rollout's time."""
+        g = int(self.rl.group_size)
+        if self.rl.algorithm == "grpo":  # needs every reward of the group
+            adv = obj.group_advantages(jnp.asarray(rows["rewards"]), g, self.rl.scale_rewards)
+            rows["advantages"] = np.asarray(adv, np.float32)
+        kept = np.flatnonzero(rows["keep"])
+        rows = {k: v[kept] for k, v in rows.items()}
+        rows.update(self.score_fn(module, self.reference, rows))
         mask = rows["loss_mask"]
         diffs = []
-        for i, lp in enumerate(result.sampling_logprobs):
+        for i, j in enumerate(kept):
+            lp = result.sampling_logprobs[j]
             start = int(np.argmax(mask[i] > 0))
             diffs.append(np.max(np.abs(rows["old_logp"][i, start:start + len(lp)] - lp)))
         self.metrics["rollout/sampler_logp_diff"] = float(np.max(diffs))
-        g = int(self.rl.group_size)
-        if self.rl.algorithm == "grpo":
-            adv = obj.group_advantages(jnp.asarray(rows["rewards"]), g, self.rl.scale_rewards)
-            rows["advantages"] = np.asarray(adv, np.float32)
-        else:
+        if self.rl.algorithm != "grpo":  # GAE runs per response: the kept ones suffice
             token_rewards = obj.terminal_rewards(jnp.asarray(rows["rewards"]), jnp.asarray(mask))
             adv, ret = obj.gae(token_rewards, jnp.asarray(rows["old_values"]), jnp.asarray(mask),
                                self.rl.ppo.gamma, self.rl.ppo.lam)
-            kept_mask = mask * rows["keep"][:, None]
-            rows["advantages"] = np.asarray(obj.normalize_advantages(adv, kept_mask), np.float32)
+            rows["advantages"] = np.asarray(obj.normalize_advantages(adv, mask), np.float32)
             rows["returns"] = np.asarray(ret, np.float32)
+        return rows
 
     def _minibatches(self, rows) -> None:
         keep = rows.pop("keep")
