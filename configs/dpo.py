@@ -35,6 +35,14 @@ def get_config(arg="demo"):
     # Demo pairs (data.demo): "whole" = the correct solution vs its copy with one slip carried
     # through; "step" = only the slipped number after their shared prefix (a step pair).
     c.dpo.demo_pairs = "whole"
+    # "own_steps" demo pairs: the initial (stage-2) policy's own first mistakes on training
+    # problems, as step pairs (phimr_jax/stages/dpo.py, own_step_pairs).
+    c.dpo.own_pairs = ConfigDict()
+    c.dpo.own_pairs.samples = 4  # completions per problem
+    c.dpo.own_pairs.temperature = 1.0  # sampling temperature of those completions
+    c.dpo.own_pairs.max_new_tokens = 160  # completion budget (the longest solution: 122 tokens)
+    c.dpo.own_pairs.max_problems = 4096  # training problems tried, at most, for data.max_pairs
+    c.dpo.own_pairs.prompts_per_call = 128  # problems per sampler call (x samples rows)
     c.optim.warmup_fraction = 0.1
     c.optim.decay = "linear"
     if arg == "demo":

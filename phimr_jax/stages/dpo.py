@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import random
+import re
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +42,7 @@ from ml_collections import ConfigDict
 from phimr_jax.data import demo_corpus
 from phimr_jax.data.pairs import dpo_dataset, kept_pairs, pair_batches
 from phimr_jax.data.sources import open_records
+from phimr_jax.model.sampling import generate
 from phimr_jax.model.sharding import RunsTogether
 from phimr_jax.stages import distill
 from phimr_jax.train import losses
@@ -97,25 +99,34 @@ def pair_weight(batch: dict) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------- data
-DEMO_PAIRS = ("whole", "step")
+DEMO_PAIRS = ("whole", "step", "own_steps")
+OWN_STEP_PAIRS = "pairs_own_steps_train.jsonl"
+_NUMBER = re.compile(r" ?-?\d+")
 
 
 def _demo_pairs(config: ConfigDict) -> dict:
     """Demo pairs from the synthetic corpus, for the training and the held-out problems: the
     correct solution vs the generator's deliberate arithmetic mistake (`dpo.demo_pairs`
-    "whole"), or only the first step where they differ, after their shared prefix ("step")."""
+    "whole"), or only the first step where they differ, after their shared prefix ("step").
+    "own_steps": training pairs from the initial policy's own mistakes (`own_step_pairs`,
+    written by `prepare_reference`), held-out pairs as "step"."""
     mode = config.dpo.get("demo_pairs", "whole")
     if mode not in DEMO_PAIRS:
         raise ValueError(f"dpo.demo_pairs must be one of {DEMO_PAIRS}, got {mode!r}")
     paths = distill.demo_paths(config)
     out = {}
     for split, src in (("train", paths["train"]), ("heldout", paths["heldout"])):
-        name = f"pairs_{split}.jsonl" if mode == "whole" else f"pairs_{mode}_{split}.jsonl"
         out_dir = os.path.dirname(src)
+        if mode == "own_steps" and split == "train":
+            out[split] = os.path.join(out_dir, OWN_STEP_PAIRS)
+            continue
+        file_mode = "step" if mode == "own_steps" else mode
+        name = f"pairs_{split}.jsonl" if file_mode == "whole" else \
+            f"pairs_{file_mode}_{split}.jsonl"
         if not os.path.exists(os.path.join(out_dir, name)):
             rng = random.Random(config.seed + (split == "heldout"))
             distill.publish(out_dir, (name,), lambda tmp: _write_demo_pairs(
-                src, os.path.join(tmp, name), rng, steps=mode == "step"))
+                src, os.path.join(tmp, name), rng, steps=file_mode == "step"))
         out[split] = os.path.join(out_dir, name)
     return out
 
@@ -132,6 +143,69 @@ def _write_demo_pairs(src: str, dst: str, rng: random.Random, steps: bool = Fals
                 pair = {"prefix": prefix, "chosen": chosen, "rejected": rejected}
             g.write(json.dumps({"problem": rec["problem"], **pair, "answer": rec["answer"],
                                 "difficulty": rec["difficulty"], "domain": rec["domain"]}) + "\n")
+
+
+def own_step_pairs(model, tokenizer, records: list, *, samples: int, temperature: float,
+                   max_new_tokens: int, max_pairs: int, prompts_per_call: int,
+                   seed: int) -> tuple[list, dict]:
+    """Step pairs from the policy's own first mistakes (Step-DPO, Lai et al. 2024, with
+    self-generated errors): `samples` completions of each problem at `temperature`; a
+    completion that departs from the record's solution is a mistake, because a demo solution
+    is the one text its generator writes for the problem. The pair is (shared prefix, the
+    solution's next number, the completion's number there): the step where the policy
+    actually slips, not a slip the generator chose, and not the later steps that carry it on.
+
+    Returns (pairs in the step-pair schema, at most one per distinct (problem, prefix,
+    rejected) and at most `max_pairs`; counts)."""
+    pairs, seen = [], set()
+    counts = {"rollouts": 0, "departed": 0, "not_a_number": 0}
+    for start in range(0, len(records), prompts_per_call):
+        chunk = records[start:start + prompts_per_call]
+        result = generate(model, [tokenizer.prompt_ids(r["problem"]) for r in chunk],
+                          max_new_tokens=max_new_tokens, temperature=temperature,
+                          num_samples=samples, seed=seed + start, stop_tokens=tokenizer.stop_ids,
+                          pad_id=tokenizer.pad_id, vocab_limit=tokenizer.vocab_size)
+        for i, (toks, reason) in enumerate(zip(result.tokens, result.finish_reasons)):
+            rec = chunk[i // samples]
+            text = tokenizer.decode(toks[:-1] if reason == "stop" else toks)
+            counts["rollouts"] += 1
+            if text == rec["solution"]:
+                continue
+            counts["departed"] += 1
+            prefix, chosen, rejected = demo_corpus.first_slip(rec["solution"], text)
+            if not (_NUMBER.fullmatch(chosen) and _NUMBER.fullmatch(rejected)):
+                counts["not_a_number"] += 1  # a wording change or an early stop: no number
+                continue
+            key = (rec["problem"], prefix, rejected)
+            if key in seen:
+                continue
+            seen.add(key)
+            pairs.append({"problem": rec["problem"], "prefix": prefix, "chosen": chosen,
+                          "rejected": rejected, "answer": rec["answer"],
+                          "difficulty": rec["difficulty"], "domain": rec["domain"]})
+            if len(pairs) >= max_pairs:
+                return pairs, {**counts, "pairs": len(pairs)}
+    return pairs, {**counts, "pairs": len(pairs)}
+
+
+def _write_own_step_pairs(model, tokenizer, config: ConfigDict, path: str) -> None:
+    own = config.dpo.own_pairs
+    with open(distill.demo_paths(config)["train"]) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    random.Random(config.seed).shuffle(records)
+    records = records[:int(own.max_problems)]
+    wanted = int(config.data.max_pairs) or len(records)
+    pairs, counts = own_step_pairs(
+        model, tokenizer, records, samples=int(own.samples),
+        temperature=float(own.temperature), max_new_tokens=int(own.max_new_tokens),
+        max_pairs=wanted, prompts_per_call=int(own.prompts_per_call), seed=int(config.seed))
+    log.info("own step pairs from the initial policy: %s", counts)
+    if not pairs:
+        raise ValueError(f"the initial policy made no mistake to learn from ({counts})")
+    def write(tmp):
+        with open(os.path.join(tmp, os.path.basename(path)), "w") as f:
+            f.writelines(json.dumps(p) + "\n" for p in pairs)
+    distill.publish(os.path.dirname(path), (os.path.basename(path),), write)
 
 
 def pair_files(config: ConfigDict) -> tuple[str, str]:
@@ -179,6 +253,9 @@ def prepare_reference(model, tokenizer, config: ConfigDict, resumed: bool) -> No
         raise FileNotFoundError(f"resuming DPO needs the reference log-probs {path}, which are "
                                 "gone; start a fresh run directory")
     train_files, heldout_files = pair_files(config)
+    if config.data.demo and not config.data.train_files and \
+            config.dpo.get("demo_pairs") == "own_steps" and not os.path.exists(train_files):
+        _write_own_step_pairs(model, tokenizer, config, train_files)
     arrays = {}
     for split, files in (("train", train_files), ("heldout", heldout_files)):
         if not files:
