@@ -33,10 +33,12 @@ def get_config(arg="demo"):
     # the paper's objective). Counters likelihood displacement (phimr_jax/stages/dpo.py).
     c.dpo.nll_weight = 0.0
     # Demo pairs (data.demo): "whole" = the correct solution vs its copy with one slip carried
-    # through; "step" = only the slipped number after their shared prefix (a step pair).
+    # through; "step" = only the slipped number after their shared prefix (a step pair);
+    # "own" / "own_steps": below.
     c.dpo.demo_pairs = "whole"
-    # "own_steps" demo pairs: the initial (stage-2) policy's own first mistakes on training
-    # problems, as step pairs (phimr_jax/stages/dpo.py, own_step_pairs).
+    # "own" / "own_steps" demo pairs, from the initial (stage-2) policy's own rollouts of
+    # training problems: a right vs a wrong rollout (the paper's rollout pairs) / its first
+    # slips as step pairs (phimr_jax/stages/dpo.py, own_pairs).
     c.dpo.own_pairs = ConfigDict()
     c.dpo.own_pairs.samples = 4  # completions per problem
     c.dpo.own_pairs.temperature = 1.0  # sampling temperature of those completions

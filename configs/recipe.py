@@ -38,7 +38,9 @@ def get_config(arg="demo"):
     # Set on every stage and on the evaluation: parameter init, data order, sampling and (demo)
     # the generated corpus with its held-out problems. The README's three demo tables: 0, 1, 2.
     c.seed = 0
-    c.order = list(ORDER)  # Stages to run, in order; each starts from the previous one.
+    # Stages to run, in order; each starts from the previous one. A tuple, so that the command
+    # line can set it: --config.order="('midtrain', 'sft')".
+    c.order = ORDER
     # Where stage 1 starts: "" = its own config (demo: a fresh demo model; phi4_mini: set
     # --config.stages.midtrain.init.hf_dir=PHI4_MINI_DIR).
     c.stages = ConfigDict({name: _stage_config(name, preset) for name in ORDER})

@@ -129,17 +129,35 @@ def _fresh(rng: random.Random, n: int, train: set[str], heldout: set[str]) -> li
     return records
 
 
+def _shortcut_style(records: list[dict], fraction: float, seed: int) -> None:
+    """Rewrite about `fraction` of the records (in place) in the shortcut style: every
+    multi-digit operation in one go ("47 × 6 = 282."), as a strong teacher skips the steps it
+    does not need. The answers stay right; one-digit problems have nothing to skip. Its own
+    random stream, so the problems drawn do not depend on the fraction."""
+    rng = random.Random(seed * 7919 + 17)
+    for record in records:
+        if rng.random() >= fraction:
+            continue
+        kind, params = _find_kind(record["problem"])
+        short = render(kind, record["problem"], params, Calc(shortcut=True))
+        if short["solution"] != record["solution"]:
+            record.update(solution=short["solution"], style="shortcut")
+
+
 def generate(out_dir: str, *, n_train: int, n_heldout: int, n_fresh: int = 0,
-             seed: int = 0) -> dict[str, str]:
+             seed: int = 0, shortcut_fraction: float = 0.0) -> dict[str, str]:
     """Write out_dir/train.jsonl, heldout.jsonl and fresh.jsonl (`n_fresh` problems outside
     both where the kind allows: the demo's RL prompts); returns {"train": path, ...}. The
     held-out problems are drawn first, then train, then fresh, so train and held-out do not
-    depend on n_fresh."""
+    depend on n_fresh. `shortcut_fraction` of the training solutions are written in the
+    shortcut style (`_shortcut_style`; held-out and fresh records keep the column style)."""
     rng = random.Random(seed)
     heldout = _heldout(rng, n_heldout)
     held = {r["problem"] for r in heldout}
     train = _train(rng, n_train, held)
     fresh = _fresh(rng, n_fresh, {r["problem"] for r in train}, held)
+    if shortcut_fraction > 0:
+        _shortcut_style(train, shortcut_fraction, seed)
     os.makedirs(out_dir, exist_ok=True)
     paths = {split: os.path.join(out_dir, f"{split}.jsonl")
              for split in ("train", "heldout", "fresh")}
@@ -172,16 +190,17 @@ def wrong_solution(record: dict, rng) -> dict:
     random.Random or a numpy Generator (it picks the slipping step and the size of the slip).
     """
     kind, params = _find_kind(record["problem"])
-    counter = Calc()
+    short = record.get("style") == "shortcut"  # slip in the record's own style
+    counter = Calc(shortcut=short)
     _, gold = kind.solve(params, counter)
     for _ in range(20):
         calc = Calc(slip_at=_randint(rng, 0, counter.count - 1),
-                     slip=SLIPS[_randint(rng, 0, len(SLIPS) - 1)])
+                    slip=SLIPS[_randint(rng, 0, len(SLIPS) - 1)], shortcut=short)
         wrong = render(kind, record["problem"], params, calc)
         if wrong["answer"] != str(gold):
             break
     else:  # e.g. a slip swallowed by a floor division: slip the last step instead
-        wrong = render(kind, record["problem"], params, Calc(counter.count - 1, 1))
+        wrong = render(kind, record["problem"], params, Calc(counter.count - 1, 1, short))
     return {**record, "solution": wrong["solution"], "rollout_answer": wrong["answer"]}
 
 

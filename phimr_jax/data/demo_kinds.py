@@ -19,14 +19,16 @@ _FIELD_PATTERNS = {"name": r"[A-Z][a-z]+", "item": r"[a-z]+"}  # other fields ar
 
 
 class Calc:
-    """Does a solution's arithmetic, counting operations; may slip on operation `slip_at`."""
+    """Does a solution's arithmetic, counting operations; may slip on operation `slip_at`.
+    `shortcut`: the solvers write each multi-digit sum, difference or product in one go
+    ("47 × 6 = 282.") instead of column by column (`demo_corpus.generate`'s shortcut style)."""
 
     OPS: dict[str, Callable[[int, int], int]] = {
         "+": lambda a, b: a + b, "-": lambda a, b: a - b, "×": lambda a, b: a * b,
         "÷": lambda a, b: a // b}  # exact on correct paths; a slipped path may floor
 
-    def __init__(self, slip_at: Optional[int] = None, slip: int = 0):
-        self.slip_at, self.slip, self.count = slip_at, slip, 0
+    def __init__(self, slip_at: Optional[int] = None, slip: int = 0, shortcut: bool = False):
+        self.slip_at, self.slip, self.count, self.shortcut = slip_at, slip, 0, shortcut
 
     def __call__(self, a: int, op: str, b: int) -> int:
         result = self.OPS[op](a, b) + (self.slip if self.count == self.slip_at else 0)
@@ -99,6 +101,9 @@ def _column_add(a, b, c, tens_of_b: bool):
     one-digit fact or a carry added to a number, the steps levels 1-2 and the column products
     teach. `tens_of_b` comes from the problem, not from b's value, so a solution whose earlier
     step slipped has the same shape as the correct one."""
+    if c.shortcut:
+        r = c(a, "+", b)
+        return f"{a} + {b} = {r}.", r
     ones = c(a % 10, "+", b % 10)
     head = f"Ones: {a % 10} + {b % 10} = {ones}, write {ones % 10} and carry {ones // 10}. "
     if tens_of_b:
@@ -126,6 +131,9 @@ def _sample_sub2(rng):
 
 def _sub2(p, c):
     a, b = p["a"], p["b"]
+    if c.shortcut:
+        r = c(a, "-", b)
+        return f"{a} - {b} = {r}.", r
     borrowed = c(a % 10, "+", 10)
     ones = c(borrowed, "-", b % 10)
     tens = c(a // 10, "-", 1)
@@ -147,6 +155,9 @@ def _sample_mul(rng):
 
 def _column_mul(a, b, c):
     """(steps, product) of a two-digit a times a one-digit b, column by column."""
+    if c.shortcut:
+        r = c(a, "×", b)
+        return f"{a} × {b} = {r}.", r
     ones = c(a % 10, "×", b)
     tens = c(a // 10, "×", b)
     total_tens = c(tens, "+", ones // 10)
@@ -241,4 +252,5 @@ KINDS = (
 def render(kind: Kind, problem: str, params: dict, calc: Calc) -> dict:
     steps, answer = kind.solve(params, calc)
     return {"problem": problem, "solution": f"{steps} {ANSWER_SUFFIX.format(answer)}",
-            "answer": str(answer), "difficulty": kind.difficulty, "domain": kind.domain}
+            "answer": str(answer), "difficulty": kind.difficulty, "domain": kind.domain,
+            "style": "column"}

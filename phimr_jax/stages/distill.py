@@ -57,7 +57,8 @@ def demo_paths(config: ConfigDict) -> dict:
         publish(out, ("heldout.jsonl", "train.jsonl", "fresh.jsonl"),
                 lambda tmp: demo_corpus.generate(
                     tmp, n_train=config.data.demo_train, n_heldout=config.data.demo_heldout,
-                    n_fresh=config.data.get("demo_fresh", 0), seed=config.seed))
+                    n_fresh=config.data.get("demo_fresh", 0), seed=config.seed,
+                    shortcut_fraction=config.data.get("demo_shortcut_fraction", 0.0)))
     return paths
 
 

@@ -99,8 +99,8 @@ def pair_weight(batch: dict) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------- data
-DEMO_PAIRS = ("whole", "step", "own_steps")
-OWN_STEP_PAIRS = "pairs_own_steps_train.jsonl"
+DEMO_PAIRS = ("whole", "step", "own", "own_steps")
+OWN_PAIRS = ("own", "own_steps")  # made from the initial policy's rollouts (prepare_reference)
 _NUMBER = re.compile(r" ?-?\d+")
 
 
@@ -108,8 +108,9 @@ def _demo_pairs(config: ConfigDict) -> dict:
     """Demo pairs from the synthetic corpus, for the training and the held-out problems: the
     correct solution vs the generator's deliberate arithmetic mistake (`dpo.demo_pairs`
     "whole"), or only the first step where they differ, after their shared prefix ("step").
-    "own_steps": training pairs from the initial policy's own mistakes (`own_step_pairs`,
-    written by `prepare_reference`), held-out pairs as "step"."""
+    "own" / "own_steps": training pairs from the initial policy's own rollouts (`own_pairs`,
+    written by `prepare_reference`): correct vs incorrect rollouts / the policy's first slips
+    as step pairs; held-out pairs as "whole" / "step"."""
     mode = config.dpo.get("demo_pairs", "whole")
     if mode not in DEMO_PAIRS:
         raise ValueError(f"dpo.demo_pairs must be one of {DEMO_PAIRS}, got {mode!r}")
@@ -117,10 +118,10 @@ def _demo_pairs(config: ConfigDict) -> dict:
     out = {}
     for split, src in (("train", paths["train"]), ("heldout", paths["heldout"])):
         out_dir = os.path.dirname(src)
-        if mode == "own_steps" and split == "train":
-            out[split] = os.path.join(out_dir, OWN_STEP_PAIRS)
+        if mode in OWN_PAIRS and split == "train":
+            out[split] = os.path.join(out_dir, f"pairs_{mode}_train.jsonl")
             continue
-        file_mode = "step" if mode == "own_steps" else mode
+        file_mode = {"own": "whole", "own_steps": "step"}.get(mode, mode)
         name = f"pairs_{split}.jsonl" if file_mode == "whole" else \
             f"pairs_{file_mode}_{split}.jsonl"
         if not os.path.exists(os.path.join(out_dir, name)):
@@ -145,63 +146,81 @@ def _write_demo_pairs(src: str, dst: str, rng: random.Random, steps: bool = Fals
                                 "difficulty": rec["difficulty"], "domain": rec["domain"]}) + "\n")
 
 
-def own_step_pairs(model, tokenizer, records: list, *, samples: int, temperature: float,
-                   max_new_tokens: int, max_pairs: int, prompts_per_call: int,
-                   seed: int) -> tuple[list, dict]:
-    """Step pairs from the policy's own first mistakes (Step-DPO, Lai et al. 2024, with
-    self-generated errors): `samples` completions of each problem at `temperature`; a
-    completion that departs from the record's solution is a mistake, because a demo solution
-    is the one text its generator writes for the problem. The pair is (shared prefix, the
-    solution's next number, the completion's number there): the step where the policy
-    actually slips, not a slip the generator chose, and not the later steps that carry it on.
+def own_pairs(model, tokenizer, records: list, *, steps: bool, samples: int,
+              temperature: float, max_new_tokens: int, max_pairs: int, prompts_per_call: int,
+              seed: int) -> tuple[list, dict]:
+    """Preference pairs from the policy's own rollouts: `samples` completions of each problem
+    at `temperature`, in calls of `prompts_per_call` problems, until `max_pairs`.
 
-    Returns (pairs in the step-pair schema, at most one per distinct (problem, prefix,
-    rejected) and at most `max_pairs`; counts)."""
+    steps=False, rollout pairs (the paper's stage 3): chosen = a finished completion whose
+    boxed answer is the gold one, rejected = a finished one whose answer is wrong, one pair per
+    problem that has both.
+    steps=True, step pairs from the policy's own first mistakes (Step-DPO, Lai et al. 2024,
+    with self-generated errors): a completion that departs from the record's solution slips
+    where it departs, because a demo solution is the one text its generator writes for the
+    problem; the pair is (shared prefix, the solution's next number, the completion's number
+    there), at most one per distinct (problem, prefix, rejected). A departure that is not a
+    number (a wording or style change, an early stop) gives no pair.
+
+    Returns (pairs: records in the pair schema, steps with `prefix`; counts)."""
     pairs, seen = [], set()
-    counts = {"rollouts": 0, "departed": 0, "not_a_number": 0}
+    counts = {"rollouts": 0, "correct": 0, "departed": 0, "not_a_number": 0}
     for start in range(0, len(records), prompts_per_call):
         chunk = records[start:start + prompts_per_call]
         result = generate(model, [tokenizer.prompt_ids(r["problem"]) for r in chunk],
                           max_new_tokens=max_new_tokens, temperature=temperature,
                           num_samples=samples, seed=seed + start, stop_tokens=tokenizer.stop_ids,
                           pad_id=tokenizer.pad_id, vocab_limit=tokenizer.vocab_size)
-        for i, (toks, reason) in enumerate(zip(result.tokens, result.finish_reasons)):
-            rec = chunk[i // samples]
-            text = tokenizer.decode(toks[:-1] if reason == "stop" else toks)
-            counts["rollouts"] += 1
-            if text == rec["solution"]:
-                continue
-            counts["departed"] += 1
-            prefix, chosen, rejected = demo_corpus.first_slip(rec["solution"], text)
-            if not (_NUMBER.fullmatch(chosen) and _NUMBER.fullmatch(rejected)):
-                counts["not_a_number"] += 1  # a wording change or an early stop: no number
-                continue
-            key = (rec["problem"], prefix, rejected)
-            if key in seen:
-                continue
-            seen.add(key)
-            pairs.append({"problem": rec["problem"], "prefix": prefix, "chosen": chosen,
-                          "rejected": rejected, "answer": rec["answer"],
-                          "difficulty": rec["difficulty"], "domain": rec["domain"]})
-            if len(pairs) >= max_pairs:
-                return pairs, {**counts, "pairs": len(pairs)}
+        for j, rec in enumerate(chunk):
+            good, bad = [], []
+            for i in range(j * samples, (j + 1) * samples):
+                toks, reason = result.tokens[i], result.finish_reasons[i]
+                text = tokenizer.decode(toks[:-1] if reason == "stop" else toks)
+                counts["rollouts"] += 1
+                right = reason == "stop" and distill.boxed_answer(text) == rec["answer"]
+                counts["correct"] += right
+                if not steps:
+                    if reason == "stop":
+                        (good if right else bad).append(text)
+                    continue
+                if text == rec["solution"]:
+                    continue
+                counts["departed"] += 1
+                prefix, chosen, rejected = demo_corpus.first_slip(rec["solution"], text)
+                if not (_NUMBER.fullmatch(chosen) and _NUMBER.fullmatch(rejected)):
+                    counts["not_a_number"] += 1
+                    continue
+                if (rec["problem"], prefix, rejected) not in seen:
+                    seen.add((rec["problem"], prefix, rejected))
+                    pairs.append({"problem": rec["problem"], "prefix": prefix, "chosen": chosen,
+                                  "rejected": rejected})
+            if good and bad:
+                pairs.append({"problem": rec["problem"], "chosen": good[0], "rejected": bad[0]})
+        if len(pairs) >= max_pairs:
+            break
+    meta = {r["problem"]: r for r in records}
+    pairs = [{**p, "answer": meta[p["problem"]]["answer"],
+              "difficulty": meta[p["problem"]]["difficulty"],
+              "domain": meta[p["problem"]]["domain"]} for p in pairs[:max_pairs]]
     return pairs, {**counts, "pairs": len(pairs)}
 
 
-def _write_own_step_pairs(model, tokenizer, config: ConfigDict, path: str) -> None:
+def _write_own_pairs(model, tokenizer, config: ConfigDict, path: str) -> None:
     own = config.dpo.own_pairs
     with open(distill.demo_paths(config)["train"]) as f:
         records = [json.loads(line) for line in f if line.strip()]
     random.Random(config.seed).shuffle(records)
     records = records[:int(own.max_problems)]
     wanted = int(config.data.max_pairs) or len(records)
-    pairs, counts = own_step_pairs(
-        model, tokenizer, records, samples=int(own.samples),
-        temperature=float(own.temperature), max_new_tokens=int(own.max_new_tokens),
-        max_pairs=wanted, prompts_per_call=int(own.prompts_per_call), seed=int(config.seed))
-    log.info("own step pairs from the initial policy: %s", counts)
+    pairs, counts = own_pairs(
+        model, tokenizer, records, steps=config.dpo.demo_pairs == "own_steps",
+        samples=int(own.samples), temperature=float(own.temperature),
+        max_new_tokens=int(own.max_new_tokens), max_pairs=wanted,
+        prompts_per_call=int(own.prompts_per_call), seed=int(config.seed))
+    log.info("%s pairs from the initial policy's rollouts: %s", config.dpo.demo_pairs, counts)
     if not pairs:
-        raise ValueError(f"the initial policy made no mistake to learn from ({counts})")
+        raise ValueError(f"the initial policy's rollouts gave no pair to learn from ({counts})")
+
     def write(tmp):
         with open(os.path.join(tmp, os.path.basename(path)), "w") as f:
             f.writelines(json.dumps(p) + "\n" for p in pairs)
@@ -254,8 +273,8 @@ def prepare_reference(model, tokenizer, config: ConfigDict, resumed: bool) -> No
                                 "gone; start a fresh run directory")
     train_files, heldout_files = pair_files(config)
     if config.data.demo and not config.data.train_files and \
-            config.dpo.get("demo_pairs") == "own_steps" and not os.path.exists(train_files):
-        _write_own_step_pairs(model, tokenizer, config, train_files)
+            config.dpo.get("demo_pairs") in OWN_PAIRS and not os.path.exists(train_files):
+        _write_own_pairs(model, tokenizer, config, train_files)
     arrays = {}
     for split, files in (("train", train_files), ("heldout", heldout_files)):
         if not files:

@@ -126,6 +126,10 @@ def data_config() -> ConfigDict:
     # prompts, new to the policy as the paper's RL prompts are (on the training problems, which
     # stages 1-2 had just fitted, rollouts were 82-93% right at T 1.0 against 73% held-out).
     d.demo_fresh = 4096
+    # Share of the demo's training solutions written in the shortcut style: every multi-digit
+    # sum, difference or product in one go ("47 × 6 = 282.") instead of column by column, as a
+    # strong teacher skips steps a small student cannot (demo_corpus.generate). 0 = all column.
+    d.demo_shortcut_fraction = 0.0
     d.demo_vocab_size = 1024  # Demo sentencepiece vocab (<= the demo model's vocab).
     d.eval_problems = 64  # Held-out problems scored by greedy decoding at each evaluation.
     d.eval_max_new_tokens = 128  # Generation budget per held-out problem.

@@ -56,7 +56,8 @@ def corpus(tmp_path_factory):
 def test_records_are_correct_and_well_formed(corpus):
     _, train, heldout = corpus
     for r in train + heldout:
-        assert set(r) == {"problem", "solution", "answer", "difficulty", "domain"}
+        assert set(r) == {"problem", "solution", "answer", "difficulty", "domain", "style"}
+        assert r["style"] == "column"  # the shortcut style only with shortcut_fraction
         gold = _independent_answer(r["problem"])
         assert gold >= 0 and r["answer"] == str(gold), r
         assert BOXED.search(r["solution"]).group(1) == r["answer"]
@@ -199,3 +200,29 @@ def test_first_slip_cuts_both_solutions_at_the_slipped_number(corpus):
         assert demo_corpus.wrong_steps(prefix + rejected) == 1
     assert demo_corpus.first_slip("9 × 6 = 54.", "9 × 6 = 64.") == ("9 × 6 =", " 54", " 64")
     assert demo_corpus.first_slip("So 5 - 3 = 2.", "So 5 - 3 = -8.") == ("So 5 - 3 =", " 2", " -8")
+
+
+def test_shortcut_style_rewrites_a_fraction_of_train_and_keeps_problems(tmp_path):
+    """shortcut_fraction: about that share of the multi-digit training solutions is written in
+    one go ("47 × 6 = 282."), with the same right answer; the problems of every split, the
+    held-out and fresh solutions are those of the column corpus; slipped copies keep the style."""
+    base = demo_corpus.generate(str(tmp_path / "a"), n_train=2000, n_heldout=100, n_fresh=100,
+                                seed=5)
+    mixed = demo_corpus.generate(str(tmp_path / "b"), n_train=2000, n_heldout=100, n_fresh=100,
+                                 seed=5, shortcut_fraction=0.3)
+    for split in ("heldout", "fresh"):
+        assert _read(base[split]) == _read(mixed[split])
+    col, short = _read(base["train"]), _read(mixed["train"])
+    assert [r["problem"] for r in col] == [r["problem"] for r in short]
+    rewritten = [(a, b) for a, b in zip(col, short) if b["style"] == "shortcut"]
+    multi_digit = [r for r in col if r["difficulty"] >= 2]
+    assert 0.25 < len(rewritten) / len(multi_digit) < 0.35
+    for a, b in rewritten:
+        assert b["difficulty"] >= 2 and b["answer"] == a["answer"]
+        assert "Ones" not in b["solution"] and len(b["solution"]) < len(a["solution"])
+        for x, op, y, z in EQUATION.findall(b["solution"]):
+            assert OPS[op](int(x), int(y)) == int(z)
+        wrong = demo_corpus.wrong_solution(b, random.Random(0))
+        assert "Ones" not in wrong["solution"] and wrong["rollout_answer"] != b["answer"]
+    assert {b["solution"] for a, b in zip(col, short) if b["style"] == "column"} <= \
+        {a["solution"] for a in col}

@@ -4,6 +4,8 @@ log-probs over completion tokens only, and the demo end to end."""
 import json
 import math
 import os
+import random
+import re
 import subprocess
 import sys
 
@@ -164,18 +166,19 @@ def test_dpo_demo_after_a_short_sft(tmp_path):
     json.dumps(rows)  # metrics are plain JSON
 
 
-def test_own_step_pairs_take_the_policys_first_slip(monkeypatch):
-    """Own-mistake step pairs: a completion equal to the solution gives nothing; one that
-    departs gives (shared prefix, the solution's number, the completion's number) once per
-    distinct slip; an early stop or a wording change gives no pair; the pairs are valid rows."""
+def test_own_pairs_take_the_policys_first_slip_or_its_whole_rollouts(monkeypatch):
+    """Pairs from the policy's own rollouts. Step pairs: a completion equal to the solution
+    gives nothing; one that departs gives (shared prefix, the solution's number, the
+    completion's number) once per distinct slip; an early stop or a wording change gives no
+    pair; the pairs are valid rows. Whole pairs: a right vs a wrong rollout of the problem."""
     from phimr_jax.data import demo_corpus
     from phimr_jax.data.tokenizers import load_tokenizer
     from phimr_jax.model.sampling import GenerateResult
     from phimr_jax.stages import dpo
     tok = load_tokenizer("sentencepiece", sp_model())
-    rec = demo_corpus.sample_record(__import__("random").Random(3), level=2)
+    rec = demo_corpus.sample_record(random.Random(3), level=2)
     gold = rec["solution"]
-    first_num = next(m for m in __import__("re").finditer(r"= (\d+)", gold))
+    first_num = next(re.finditer(r"= (\d+)", gold))
     slipped = gold[:first_num.start(1)] + str(int(first_num.group(1)) + 1) + \
         gold[first_num.end(1):]
     texts = [gold, slipped, slipped, gold[:20], gold.replace("Ones", "One")]
@@ -188,14 +191,21 @@ def test_own_step_pairs_take_the_policys_first_slip(monkeypatch):
                               lengths=[len(t) for t in toks], logprobs=None,
                               sampling_logprobs=None)
     monkeypatch.setattr(dpo, "generate", fake_generate)
-    pairs, counts = dpo.own_step_pairs(None, tok, [rec], samples=5, temperature=1.0,
-                                       max_new_tokens=160, max_pairs=10, prompts_per_call=8,
-                                       seed=0)
+    pairs, counts = dpo.own_pairs(None, tok, [rec], steps=True, samples=5, temperature=1.0,
+                                  max_new_tokens=160, max_pairs=10, prompts_per_call=8, seed=0)
     assert calls == [(1, 5, 1.0)]
-    assert counts == {"rollouts": 5, "departed": 4, "not_a_number": 2, "pairs": 1}
+    assert counts == {"rollouts": 5, "correct": 4, "departed": 4, "not_a_number": 2, "pairs": 1}
     (pair,) = pairs
     assert pair["prefix"] == gold[:first_num.start(1) - 1]
     assert pair["chosen"] == " " + first_num.group(1)
     assert pair["rejected"] == " " + str(int(first_num.group(1)) + 1)
     rows = pair_rows(tok, pair, 128)
     assert rows is not None and rows["loss_mask"].sum() >= 2
+    # Whole rollout pairs, judged by the boxed answer and not by the text: one per problem, the
+    # first right completion vs the first wrong one (the slipped copies still box the gold
+    # answer, so the wrong one is the early stop).
+    pairs, counts = dpo.own_pairs(None, tok, [rec], steps=False, samples=5, temperature=1.0,
+                                  max_new_tokens=160, max_pairs=10, prompts_per_call=8, seed=0)
+    (pair,) = pairs
+    assert pair["chosen"] == gold and dpo.distill.boxed_answer(pair["rejected"]) != rec["answer"]
+    assert set(pair) == {"problem", "chosen", "rejected", "answer", "difficulty", "domain"}
