@@ -129,18 +129,14 @@ def _fresh(rng: random.Random, n: int, train: set[str], heldout: set[str]) -> li
     return records
 
 
-SHORTCUT_LEVELS = (4, 5)  # the multi-step problems, where a teacher's shortcuts are rewritten
-
-
 def _shortcut_style(records: list[dict], fraction: float, seed: int) -> None:
-    """Rewrite about `fraction` of the multi-step records (levels `SHORTCUT_LEVELS`, in place)
-    in the shortcut style: every multi-digit operation in one go ("47 × 6 = 282."), as a
-    strong teacher skips the steps it does not need. The answers stay right, and levels 1-3
-    keep teaching every column step. Its own random stream, so the problems drawn do not
-    depend on the fraction."""
+    """Rewrite about `fraction` of the records (in place) in the shortcut style: every
+    multi-digit operation in one go ("47 × 6 = 282."), as a strong teacher skips the steps it
+    does not need. The answers stay right; one-digit problems have nothing to skip. Its own
+    random stream, so the problems drawn do not depend on the fraction."""
     rng = random.Random(seed * 7919 + 17)
     for record in records:
-        if record["difficulty"] not in SHORTCUT_LEVELS or rng.random() >= fraction:
+        if rng.random() >= fraction:
             continue
         kind, params = _find_kind(record["problem"])
         short = render(kind, record["problem"], params, Calc(shortcut=True))
@@ -153,8 +149,8 @@ def generate(out_dir: str, *, n_train: int, n_heldout: int, n_fresh: int = 0,
     """Write out_dir/train.jsonl, heldout.jsonl and fresh.jsonl (`n_fresh` problems outside
     both where the kind allows: the demo's RL prompts); returns {"train": path, ...}. The
     held-out problems are drawn first, then train, then fresh, so train and held-out do not
-    depend on n_fresh. `shortcut_fraction` of the multi-step training solutions are written in
-    the shortcut style (`_shortcut_style`; held-out and fresh records keep the column style)."""
+    depend on n_fresh. `shortcut_fraction` of the training solutions are written in the
+    shortcut style (`_shortcut_style`; held-out and fresh records keep the column style)."""
     rng = random.Random(seed)
     heldout = _heldout(rng, n_heldout)
     held = {r["problem"] for r in heldout}
