@@ -129,7 +129,10 @@ def data_config() -> ConfigDict:
     # Share of the demo's training solutions written in the shortcut style: every multi-digit
     # sum, difference or product in one go ("47 × 6 = 282.") instead of column by column, as a
     # strong teacher skips steps a small student cannot (demo_corpus.generate). 0 = all column.
-    d.demo_shortcut_fraction = 0.0
+    # The demo model imitates the mix and gets ~5% of its shortcut answers right against ~90%
+    # of its column ones: the gap between pass@1 and pass@k that rollout DPO and RL close by
+    # learning which of its own two styles pays (README, "demo recipe").
+    d.demo_shortcut_fraction = 0.3
     d.demo_vocab_size = 1024  # Demo sentencepiece vocab (<= the demo model's vocab).
     d.eval_problems = 64  # Held-out problems scored by greedy decoding at each evaluation.
     d.eval_max_new_tokens = 128  # Generation budget per held-out problem.

@@ -148,7 +148,10 @@ def test_dpo_demo_after_a_short_sft(tmp_path):
         "--config.data.global_batch_size=8")
     common = ["--config=configs/dpo.py:demo", f"--config.workdir={s3}",
               f"--config.init.checkpoint={s1}", "--config.eval_every_steps=20",
-              "--config.eval_at_start=true", "--config.optim.learning_rate=1e-4"]
+              "--config.eval_at_start=true", "--config.optim.learning_rate=1e-4",
+              # An 80-step model answers almost nothing right, so it has no rollout pairs of
+              # its own (the preset's "own"): the generator's pairs.
+              "--config.dpo.demo_pairs=whole"]
     run(*common, "--config.total_steps=20")
     ref_file = os.path.join(s3, REFERENCE_FILE)
     stamp = os.path.getmtime(ref_file)
@@ -209,3 +212,55 @@ def test_own_pairs_take_the_policys_first_slip_or_its_whole_rollouts(monkeypatch
     (pair,) = pairs
     assert pair["chosen"] == gold and dpo.distill.boxed_answer(pair["rejected"]) != rec["answer"]
     assert set(pair) == {"problem", "chosen", "rejected", "answer", "difficulty", "domain"}
+
+
+def test_own_rollout_pairs_are_made_once_from_the_initial_policy(tmp_path, monkeypatch):
+    """demo_pairs=own: prepare_reference samples the initial policy on training problems
+    (here a fake sampler: the right solution, then its slipped copy), writes one right-vs-wrong
+    pair per problem into the stage's demo data, scores them as the reference, and the DPO
+    batches train on them; a second prepare (a resume) samples nothing again."""
+    from phimr_jax.data import demo_corpus
+    from phimr_jax.data.tokenizers import load_tokenizer
+    from phimr_jax.model.sampling import GenerateResult
+    from phimr_jax.stages import dpo
+    from tests.test_configs import load
+    tok = load_tokenizer("sentencepiece", sp_model())
+    config = load("dpo", "demo")
+    config.workdir = str(tmp_path)
+    config.data.update(demo_train=200, demo_heldout=16, demo_fresh=0, seq_len=320,
+                       max_pairs=12, global_batch_size=8)
+    config.dpo.own_pairs.update(samples=2, prompts_per_call=8)
+    assert config.dpo.demo_pairs == "own"
+    records = {r["problem"]: r for r in map(json.loads, open(dpo.distill.demo_paths(config)[
+        "train"]))}
+    calls = []
+
+    def fake_generate(model, prompts, *, num_samples, **kw):
+        calls.append(len(prompts))
+        texts = []
+        for p in prompts:
+            rec = next(r for q, r in records.items() if q in tok.decode(p))
+            wrong = demo_corpus.wrong_solution(rec, random.Random(0))["solution"]
+            texts += [rec["solution"], wrong][:num_samples]
+        toks = [tok.encode(t) + [tok.stop_ids[0]] for t in texts]
+        return GenerateResult(tokens=toks, finish_reasons=["stop"] * len(toks),
+                              lengths=[len(t) for t in toks], logprobs=None,
+                              sampling_logprobs=None)
+    monkeypatch.setattr(dpo, "generate", fake_generate)
+    model = init_model(mc.tiny(vocab_size=512), seed=0)
+    dpo.prepare_reference(model, tok, config, resumed=False)
+    assert calls == [8, 8]  # 12 pairs wanted, one per problem, 8 problems per call
+    train_file, _ = dpo.pair_files(config)
+    pairs = [json.loads(line) for line in open(train_file)]
+    assert len(pairs) == 12 and os.path.dirname(train_file) == str(tmp_path / "demo_data")
+    for pair in pairs:
+        rec = records[pair["problem"]]
+        assert pair["chosen"] == rec["solution"] and pair["rejected"] != rec["solution"]
+        assert pair["answer"] == rec["answer"]
+    dataset, stats = dpo.make_data(config, tok)
+    assert stats["num_kept"] == 12, stats
+    batch = next(iter(dataset))
+    assert batch["inputs"].shape == (8, 320) and batch["ref_logp"].shape == (8,)
+    os.remove(tmp_path / dpo.REFERENCE_FILE)
+    dpo.prepare_reference(model, tok, config, resumed=False)  # the pairs file is reused
+    assert calls == [8, 8]
