@@ -129,35 +129,52 @@ def _fresh(rng: random.Random, n: int, train: set[str], heldout: set[str]) -> li
     return records
 
 
-def _shortcut_style(records: list[dict], fraction: float, seed: int) -> None:
-    """Rewrite about `fraction` of the records (in place) in the shortcut style: every
-    multi-digit operation in one go ("47 × 6 = 282."), as a strong teacher skips the steps it
-    does not need. The answers stay right; one-digit problems have nothing to skip. Its own
-    random stream, so the problems drawn do not depend on the fraction."""
+SHORTCUT_MODES = ("replace", "add")
+
+
+def _shortcut_style(records: list[dict], fraction: float, seed: int,
+                    mode: str = "replace") -> list[dict]:
+    """About `fraction` of the records in the shortcut style: every multi-digit operation in
+    one go ("47 × 6 = 282."), as a strong teacher skips the steps it does not need. "replace":
+    the record's solution is rewritten; "add": a shortcut copy of the record follows it (the
+    teacher wrote both), so every column solution stays. The answers stay right; one-digit
+    problems have nothing to skip. Its own random stream, so the problems drawn do not depend
+    on the fraction."""
+    if mode not in SHORTCUT_MODES:
+        raise ValueError(f"shortcut mode must be one of {SHORTCUT_MODES}, got {mode!r}")
     rng = random.Random(seed * 7919 + 17)
+    out = []
     for record in records:
+        out.append(record)
         if rng.random() >= fraction:
             continue
         kind, params = _find_kind(record["problem"])
         short = render(kind, record["problem"], params, Calc(shortcut=True))
-        if short["solution"] != record["solution"]:
+        if short["solution"] == record["solution"]:
+            continue
+        if mode == "replace":
             record.update(solution=short["solution"], style="shortcut")
+        else:
+            out.append({**record, "solution": short["solution"], "style": "shortcut"})
+    return out
 
 
 def generate(out_dir: str, *, n_train: int, n_heldout: int, n_fresh: int = 0,
-             seed: int = 0, shortcut_fraction: float = 0.0) -> dict[str, str]:
+             seed: int = 0, shortcut_fraction: float = 0.0,
+             shortcut_mode: str = "replace") -> dict[str, str]:
     """Write out_dir/train.jsonl, heldout.jsonl and fresh.jsonl (`n_fresh` problems outside
     both where the kind allows: the demo's RL prompts); returns {"train": path, ...}. The
     held-out problems are drawn first, then train, then fresh, so train and held-out do not
-    depend on n_fresh. `shortcut_fraction` of the training solutions are written in the
-    shortcut style (`_shortcut_style`; held-out and fresh records keep the column style)."""
+    depend on n_fresh. `shortcut_fraction` of the training problems get a shortcut-style
+    solution instead of (`shortcut_mode` "replace") or besides ("add") their column one
+    (`_shortcut_style`; held-out and fresh records keep the column style)."""
     rng = random.Random(seed)
     heldout = _heldout(rng, n_heldout)
     held = {r["problem"] for r in heldout}
     train = _train(rng, n_train, held)
     fresh = _fresh(rng, n_fresh, {r["problem"] for r in train}, held)
     if shortcut_fraction > 0:
-        _shortcut_style(train, shortcut_fraction, seed)
+        train = _shortcut_style(train, shortcut_fraction, seed, shortcut_mode)
     os.makedirs(out_dir, exist_ok=True)
     paths = {split: os.path.join(out_dir, f"{split}.jsonl")
              for split in ("train", "heldout", "fresh")}

@@ -58,7 +58,8 @@ def demo_paths(config: ConfigDict) -> dict:
                 lambda tmp: demo_corpus.generate(
                     tmp, n_train=config.data.demo_train, n_heldout=config.data.demo_heldout,
                     n_fresh=config.data.get("demo_fresh", 0), seed=config.seed,
-                    shortcut_fraction=config.data.get("demo_shortcut_fraction", 0.0)))
+                    shortcut_fraction=config.data.get("demo_shortcut_fraction", 0.0),
+                    shortcut_mode=config.data.get("demo_shortcut_mode", "replace")))
     return paths
 
 

@@ -133,6 +133,9 @@ def data_config() -> ConfigDict:
     # of its column ones: the gap between pass@1 and pass@k that rollout DPO and RL close by
     # learning which of its own two styles pays (README, "demo recipe").
     d.demo_shortcut_fraction = 0.3
+    # "replace": those problems' column solutions are rewritten; "add": a shortcut copy is added
+    # beside each (the teacher wrote both), so every column solution stays in the corpus.
+    d.demo_shortcut_mode = "replace"
     d.demo_vocab_size = 1024  # Demo sentencepiece vocab (<= the demo model's vocab).
     d.eval_problems = 64  # Held-out problems scored by greedy decoding at each evaluation.
     d.eval_max_new_tokens = 128  # Generation budget per held-out problem.

@@ -226,3 +226,21 @@ def test_shortcut_style_rewrites_a_fraction_of_train_and_keeps_problems(tmp_path
         assert "Ones" not in wrong["solution"] and wrong["rollout_answer"] != b["answer"]
     assert {b["solution"] for a, b in zip(col, short) if b["style"] == "column"} <= \
         {a["solution"] for a in col}
+
+
+def test_shortcut_copies_keep_every_column_solution(tmp_path):
+    """shortcut_mode "add": the column corpus unchanged and in order, each chosen problem followed
+    by its shortcut copy (the same choices as "replace")."""
+    base = _read(demo_corpus.generate(str(tmp_path / "a"), n_train=1000, n_heldout=50,
+                                      seed=2)["train"])
+    replaced = _read(demo_corpus.generate(str(tmp_path / "b"), n_train=1000, n_heldout=50, seed=2,
+                                          shortcut_fraction=0.3)["train"])
+    added = _read(demo_corpus.generate(str(tmp_path / "c"), n_train=1000, n_heldout=50, seed=2,
+                                       shortcut_fraction=0.3, shortcut_mode="add")["train"])
+    assert [r for r in added if r["style"] == "column"] == base
+    copies = [(a, b) for a, b in zip(added, added[1:]) if b["style"] == "shortcut"]
+    assert [b for _, b in copies] == [r for r in replaced if r["style"] == "shortcut"]
+    assert all(a["problem"] == b["problem"] and a["style"] == "column" for a, b in copies)
+    with pytest.raises(ValueError, match="shortcut mode"):
+        demo_corpus.generate(str(tmp_path / "d"), n_train=10, n_heldout=5, seed=2,
+                             shortcut_fraction=0.3, shortcut_mode="both")
