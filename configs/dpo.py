@@ -48,24 +48,23 @@ def get_config(arg="demo"):
     c.optim.warmup_fraction = 0.1
     c.optim.decay = "linear"
     if arg == "demo":
-        # From the demo SFT run (--config.init.checkpoint); pairs = a right vs a wrong rollout
-        # of the SFT model itself on the same training problem (the paper's rollout pairs),
-        # with an NLL term on the chosen rollout (RPO) against likelihood displacement.
+        # From the demo SFT run (--config.init.checkpoint); pairs = correct solution vs the
+        # demo generator's deliberate mistake on the same problem.
         demo_model(c)  # Demo model, bfloat16 compute, CPU-tuned kernels.
         c.data.demo = True
-        c.dpo.demo_pairs = "own"
-        c.dpo.nll_weight = 1.0
         c.data.seq_len = 192
         c.data.global_batch_size = 16  # rows = 8 pairs per step
         c.total_steps = 40
-        # 40 steps x 8 pairs; sampling them from the SFT model (~2000 rollouts) takes ~70 s.
-        c.data.max_pairs = 320
+        # 40 steps x 8 pairs use 320; scoring 4000 pairs took 45 s. With demo_pairs=own, set
+        # 320: sampling them from the SFT model (~2000 rollouts) takes ~70 s.
+        c.data.max_pairs = 640
         # 1/40 of the demo SFT LR, as the demo RL's. Measured from one stage-2 model of the
         # 30000-problem corpus (paired change of held-out pass@1): 5e-6 +0.3 +- 0.5; 2e-5
         # -1.6 +- 0.9; with an NLL term (RPO, nll_weight 1) 2e-5 -1.2 +- 0.9, 5e-5 (beta 0.5)
         # -4.1 +- 1.2; pairs from the stage-2 model's own rollouts -12.3 (2e-5) and -4.4 (RPO
-        # 5e-5). README, "demo recipe". On the shortcut corpus (seed 0), own rollout pairs
-        # with RPO at 5e-6: +4.7 +- 0.7. On the all-column corpus, the SFT model's own first
+        # 5e-5). README, "demo recipe". On the shortcut corpus (data.demo_shortcut_fraction
+        # 0.3), own rollout pairs (demo_pairs=own) with RPO (nll_weight 1) at 5e-6: +4.7 +- 0.7
+        # and +2.9 +- 0.7 (seeds 0, 1). On the all-column corpus, the SFT model's own first
         # slips as step pairs (demo_pairs=own_steps): 1e-5 -0.5 +- 0.4, RPO 1e-5 -0.9 +- 0.5,
         # RPO 3e-5 -0.3, RPO 1e-4 -16.4 +- 2.1.
         c.optim.learning_rate = 5e-6

@@ -85,9 +85,6 @@ def _smoke(c):
             for key, value in small.items():
                 if key in stage.rl:
                     stage.rl[key] = value
-    # A 4-step model answers (almost) nothing right: its own rollouts give no right-vs-wrong
-    # pair, so the smoke DPO takes the generator's pairs.
-    c.stages.dpo.dpo.demo_pairs = "whole"
     c.eval.limit = 8  # Problems in the held-out table.
     c.eval.num_samples = 1  # k.
     c.eval.max_new_tokens = 32

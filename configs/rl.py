@@ -95,9 +95,10 @@ def get_config(arg="demo"):
         # (no GRPO signal) drift more than the others gain. On the all-column corpus (from its
         # stage-3 model at 94.6%, seed 0): 2e-5 -2.0 +- 0.9, 5e-6 +0.2 +- 0.4; 128 prompts per
         # rollout and 128-row steps at 2e-5, 30 steps: -1.0 +- 0.7. On the shortcut corpus
-        # (seed 0), where the policy still picks the unreliable one-go style on 15% of its
-        # multi-digit answers after DPO: 1e-5 +8.5 +- 1.1 (README, "demo recipe").
-        c.optim.learning_rate = 1e-5
+        # (data.demo_shortcut_fraction 0.3), where the policy still picks the unreliable
+        # one-go style on 15-20% of its multi-digit answers after DPO: 1e-5 +8.5 +- 1.1 and
+        # +7.8 +- 1.2 (seeds 0, 1; README, "demo recipe").
+        c.optim.learning_rate = 5e-6
         c.log_every_steps = 4
         c.checkpoint_every_steps = 20
         c.eval_every_steps = 20
