@@ -66,7 +66,7 @@ def get_config(arg="demo"):
         # 0.3), own rollout pairs (demo_pairs=own) with RPO (nll_weight 1) at 5e-6: +4.7 +- 0.7
         # and +2.9 +- 0.7 (seeds 0, 1). On the all-column corpus, the SFT model's own first
         # slips as step pairs (demo_pairs=own_steps): 1e-5 -0.5 +- 0.4, RPO 1e-5 -0.9 +- 0.5,
-        # RPO 3e-5 -0.3, RPO 1e-4 -16.4 +- 2.1.
+        # RPO 3e-5 -2.8 +- 0.8, RPO 1e-4 -16.4 +- 2.1.
         c.optim.learning_rate = 5e-6
         c.log_every_steps = 10
         c.checkpoint_every_steps = 20
