@@ -64,7 +64,7 @@ def get_config(arg="demo"):
         # -4.1 +- 1.2; pairs from the stage-2 model's own rollouts -12.3 (2e-5) and -4.4 (RPO
         # 5e-5). README, "demo recipe". On the shortcut corpus (data.demo_shortcut_fraction
         # 0.3), own rollout pairs (demo_pairs=own) with RPO (nll_weight 1) at 5e-6: +4.7 +- 0.7
-        # and +2.9 +- 0.7 (seeds 0, 1). On the all-column corpus, the SFT model's own first
+        # and +2.9 +- 0.7 ("replace", seeds 0, 1), +2.8 +- 0.7 and +3.4 +- 0.6 ("add"). On the all-column corpus, the SFT model's own first
         # slips as step pairs (demo_pairs=own_steps): 1e-5 -0.5 +- 0.4, RPO 1e-5 -0.9 +- 0.5,
         # RPO 3e-5 -2.8 +- 0.8, RPO 1e-4 -16.4 +- 2.1.
         c.optim.learning_rate = 5e-6

@@ -96,8 +96,9 @@ def get_config(arg="demo"):
         # stage-3 model at 94.6%, seed 0): 2e-5 -2.0 +- 0.9, 5e-6 +0.2 +- 0.4; 128 prompts per
         # rollout and 128-row steps at 2e-5, 30 steps: -1.0 +- 0.7. On the shortcut corpus
         # (data.demo_shortcut_fraction 0.3), where the policy still picks the unreliable
-        # one-go style on 15-20% of its multi-digit answers after DPO: 1e-5 +8.5 +- 1.1 and
-        # +7.8 +- 1.2 (seeds 0, 1; README, "demo recipe").
+        # one-go style on 7-21% of its multi-digit answers after DPO: 1e-5 +8.5 +- 1.1 and
+        # +7.8 +- 1.2 ("replace", seeds 0, 1), +4.8 +- 0.9 and +5.9 +- 1.0 ("add"; README,
+        # "Giving DPO and RL room").
         c.optim.learning_rate = 5e-6
         c.log_every_steps = 4
         c.checkpoint_every_steps = 20

@@ -146,6 +146,39 @@ def _write_demo_pairs(src: str, dst: str, rng: random.Random, steps: bool = Fals
                                 "difficulty": rec["difficulty"], "domain": rec["domain"]}) + "\n")
 
 
+def _own_rollouts(model, tokenizer, records: list, *, samples: int, temperature: float,
+                  max_new_tokens: int, prompts_per_call: int, seed: int):
+    """Yields (record, [(text, finished), ...] of its `samples` completions), sampling
+    `prompts_per_call` problems per sampler call, lazily: the caller stops when it has enough."""
+    for start in range(0, len(records), prompts_per_call):
+        chunk = records[start:start + prompts_per_call]
+        result = generate(model, [tokenizer.prompt_ids(r["problem"]) for r in chunk],
+                          max_new_tokens=max_new_tokens, temperature=temperature,
+                          num_samples=samples, seed=seed + start, stop_tokens=tokenizer.stop_ids,
+                          pad_id=tokenizer.pad_id, vocab_limit=tokenizer.vocab_size)
+        done = [r == "stop" for r in result.finish_reasons]
+        texts = [tokenizer.decode(t[:-1] if d else t) for t, d in zip(result.tokens, done)]
+        for j, rec in enumerate(chunk):
+            rows = range(j * samples, (j + 1) * samples)
+            yield rec, [(texts[i], done[i]) for i in rows]
+
+
+def _step_pairs(rec: dict, completions: list, seen: set, counts: dict) -> list:
+    """Step pairs of one problem's completions (see `own_pairs`)."""
+    pairs = []
+    for text, _ in completions:
+        if text == rec["solution"]:
+            continue
+        counts["departed"] += 1
+        prefix, chosen, rejected = demo_corpus.first_slip(rec["solution"], text)
+        if not (_NUMBER.fullmatch(chosen) and _NUMBER.fullmatch(rejected)):
+            counts["not_a_number"] += 1
+        elif (rec["problem"], prefix, rejected) not in seen:
+            seen.add((rec["problem"], prefix, rejected))
+            pairs.append({"prefix": prefix, "chosen": chosen, "rejected": rejected})
+    return pairs
+
+
 def own_pairs(model, tokenizer, records: list, *, steps: bool, samples: int,
               temperature: float, max_new_tokens: int, max_pairs: int, prompts_per_call: int,
               seed: int) -> tuple[list, dict]:
@@ -165,43 +198,25 @@ def own_pairs(model, tokenizer, records: list, *, steps: bool, samples: int,
     Returns (pairs: records in the pair schema, steps with `prefix`; counts)."""
     pairs, seen = [], set()
     counts = {"rollouts": 0, "correct": 0, "departed": 0, "not_a_number": 0}
-    for start in range(0, len(records), prompts_per_call):
-        chunk = records[start:start + prompts_per_call]
-        result = generate(model, [tokenizer.prompt_ids(r["problem"]) for r in chunk],
-                          max_new_tokens=max_new_tokens, temperature=temperature,
-                          num_samples=samples, seed=seed + start, stop_tokens=tokenizer.stop_ids,
-                          pad_id=tokenizer.pad_id, vocab_limit=tokenizer.vocab_size)
-        for j, rec in enumerate(chunk):
-            good, bad = [], []
-            for i in range(j * samples, (j + 1) * samples):
-                toks, reason = result.tokens[i], result.finish_reasons[i]
-                text = tokenizer.decode(toks[:-1] if reason == "stop" else toks)
-                counts["rollouts"] += 1
-                right = reason == "stop" and distill.boxed_answer(text) == rec["answer"]
-                counts["correct"] += right
-                if not steps:
-                    if reason == "stop":
-                        (good if right else bad).append(text)
-                    continue
-                if text == rec["solution"]:
-                    continue
-                counts["departed"] += 1
-                prefix, chosen, rejected = demo_corpus.first_slip(rec["solution"], text)
-                if not (_NUMBER.fullmatch(chosen) and _NUMBER.fullmatch(rejected)):
-                    counts["not_a_number"] += 1
-                    continue
-                if (rec["problem"], prefix, rejected) not in seen:
-                    seen.add((rec["problem"], prefix, rejected))
-                    pairs.append({"problem": rec["problem"], "prefix": prefix, "chosen": chosen,
-                                  "rejected": rejected})
-            if good and bad:
-                pairs.append({"problem": rec["problem"], "chosen": good[0], "rejected": bad[0]})
-        if len(pairs) >= max_pairs:
-            break
-    meta = {r["problem"]: r for r in records}
-    pairs = [{**p, "answer": meta[p["problem"]]["answer"],
-              "difficulty": meta[p["problem"]]["difficulty"],
-              "domain": meta[p["problem"]]["domain"]} for p in pairs[:max_pairs]]
+    rollouts = _own_rollouts(model, tokenizer, records, samples=samples,
+                             temperature=temperature, max_new_tokens=max_new_tokens,
+                             prompts_per_call=prompts_per_call, seed=seed)
+    for i, (rec, completions) in enumerate(rollouts, 1):
+        right = [done and distill.boxed_answer(text) == rec["answer"]
+                 for text, done in completions]
+        counts["rollouts"] += len(completions)
+        counts["correct"] += sum(right)
+        if steps:
+            found = _step_pairs(rec, completions, seen, counts)
+        else:
+            good = [t for (t, _), r in zip(completions, right) if r]
+            bad = [t for (t, done), r in zip(completions, right) if done and not r]
+            found = [{"chosen": good[0], "rejected": bad[0]}] if good and bad else []
+        pairs += [{"problem": rec["problem"], **p, "answer": rec["answer"],
+                   "difficulty": rec["difficulty"], "domain": rec["domain"]} for p in found]
+        if i % prompts_per_call == 0 and len(pairs) >= max_pairs:
+            break  # after a sampler call's last problem: no further call
+    pairs = pairs[:max_pairs]
     return pairs, {**counts, "pairs": len(pairs)}
 
 

@@ -129,10 +129,10 @@ def data_config() -> ConfigDict:
     # Share of the demo's training solutions written in the shortcut style: every multi-digit
     # sum, difference or product in one go ("47 × 6 = 282.") instead of column by column, as a
     # strong teacher skips steps a small student cannot (demo_corpus.generate). 0 = all column.
-    # The demo model imitates the mix and gets ~5% of its shortcut answers right against
-    # 70-90% of its column ones: a gap that rollout DPO and RL close by learning which of its
-    # own styles pays, but the final model ends below the all-column corpus's (README, "demo
-    # recipe", "The shortcut corpus"), so the demo keeps 0.
+    # The demo model imitates the mix and gets 0-12% of its shortcut answers right against
+    # 65-96% of its column ones: a gap that rollout DPO and RL close by learning which of its
+    # own styles pays, but the final model did not reliably end above the all-column corpus's
+    # (README, "Giving DPO and RL room: the shortcut corpus"), so the demo keeps 0.
     d.demo_shortcut_fraction = 0.0
     # "replace": those problems' column solutions are rewritten; "add": a shortcut copy is added
     # beside each (the teacher wrote both), so every column solution stays in the corpus.
