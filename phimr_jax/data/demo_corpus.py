@@ -80,10 +80,10 @@ def _draw(rng: random.Random, level: int, avoid: tuple[set[str], ...],
     return None
 
 
-def _heldout(rng: random.Random, n: int) -> list[dict]:
+def _heldout(rng: random.Random, n: int, max_level: int = 5) -> list[dict]:
     records, seen = [], set()
     for _ in range(n):
-        record = _draw(rng, rng.randint(1, 5), (seen,), tries=1000)
+        record = _draw(rng, rng.randint(1, max_level), (seen,), tries=1000)
         if record is None:
             raise ValueError(f"cannot draw {n} distinct held-out problems")
         seen.add(record["problem"])
@@ -91,10 +91,14 @@ def _heldout(rng: random.Random, n: int) -> list[dict]:
     return records
 
 
-def _train(rng: random.Random, n: int, heldout: set[str]) -> list[dict]:
+def _train(rng: random.Random, n: int, heldout: set[str], max_level: int = 5,
+           level_weights: tuple = ()) -> list[dict]:
+    """`level_weights`: relative weight of levels 1..max_level (() = uniform)."""
     records, seen = [], set()
+    levels = range(1, max_level + 1)
     for _ in range(n):
-        level = rng.randint(1, 5)
+        level = rng.choices(levels, level_weights)[0] if level_weights else \
+            rng.randint(1, max_level)
         record = _draw(rng, level, (seen, heldout), tries=20)
         if record is None:  # the level is saturated: allow a repeat, never a held-out problem
             record = _draw(rng, level, (heldout,), tries=1000)
@@ -111,13 +115,14 @@ def _write_jsonl(path: str, records: Iterable[dict]) -> None:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def _fresh(rng: random.Random, n: int, train: set[str], heldout: set[str]) -> list[dict]:
+def _fresh(rng: random.Random, n: int, train: set[str], heldout: set[str],
+           max_level: int = 5) -> list[dict]:
     """Problems in neither split (RL prompts the model has not been trained on), as far as the
     kind has any left; a used-up kind (one-digit sums, the 640 products) repeats train
     problems, never held-out ones, so every kind keeps its share."""
     records, seen = [], set()
     for _ in range(n):
-        level = rng.randint(1, 5)
+        level = rng.randint(1, max_level)
         kind = _kind_of_level(rng, level)
         record = _draw(rng, level, (seen, train, heldout), tries=20, kind=kind)
         if record is None:  # the kind is used up: a train problem of it, never a held-out one
@@ -161,18 +166,29 @@ def _shortcut_style(records: list[dict], fraction: float, seed: int,
 
 def generate(out_dir: str, *, n_train: int, n_heldout: int, n_fresh: int = 0,
              seed: int = 0, shortcut_fraction: float = 0.0,
-             shortcut_mode: str = "replace") -> dict[str, str]:
+             shortcut_mode: str = "replace", max_level: int = 5,
+             train_level_weights: tuple = ()) -> dict[str, str]:
     """Write out_dir/train.jsonl, heldout.jsonl and fresh.jsonl (`n_fresh` problems outside
     both where the kind allows: the demo's RL prompts); returns {"train": path, ...}. The
     held-out problems are drawn first, then train, then fresh, so train and held-out do not
     depend on n_fresh. `shortcut_fraction` of the training problems get a shortcut-style
     solution instead of (`shortcut_mode` "replace") or besides ("add") their column one
-    (`_shortcut_style`; held-out and fresh records keep the column style)."""
+    (`_shortcut_style`; held-out and fresh records keep the column style).
+
+    `max_level` 6 adds the hard tail (level 6); held-out and fresh problems draw levels
+    1..max_level uniformly, the training problems by `train_level_weights` (() = uniformly):
+    a level with a small weight is one the teacher's verified solutions rarely cover, while
+    RL's prompts (which need only an answer) and the held-out set have their full share."""
+    if not 1 <= max_level <= max(k.difficulty for k in KINDS):
+        raise ValueError(f"max_level must be 1..{max(k.difficulty for k in KINDS)}")
+    if train_level_weights and len(train_level_weights) != max_level:
+        raise ValueError(f"train_level_weights needs {max_level} weights (levels 1..max_level), "
+                         f"got {train_level_weights!r}")
     rng = random.Random(seed)
-    heldout = _heldout(rng, n_heldout)
+    heldout = _heldout(rng, n_heldout, max_level)
     held = {r["problem"] for r in heldout}
-    train = _train(rng, n_train, held)
-    fresh = _fresh(rng, n_fresh, {r["problem"] for r in train}, held)
+    train = _train(rng, n_train, held, max_level, tuple(train_level_weights))
+    fresh = _fresh(rng, n_fresh, {r["problem"] for r in train}, held, max_level)
     if shortcut_fraction > 0:
         train = _shortcut_style(train, shortcut_fraction, seed, shortcut_mode)
     os.makedirs(out_dir, exist_ok=True)

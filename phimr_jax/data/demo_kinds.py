@@ -218,6 +218,29 @@ def _friends(p, c):
     return f"Each friend has {added} {steps}", r
 
 
+# --- difficulty 6: a level-5 chain, then a one-digit number more (the bags problems' last step)
+def _sample_paren_more(rng):
+    return {**_sample_paren(rng), "d": rng.randint(1, 9)}
+
+
+def _paren_more(p, c):
+    added, s = _column_add(p["a"], p["b"], c, tens_of_b=False)
+    steps, product = _column_mul(s, p["c"], c)
+    more, r = _column_add(product, p["d"], c, tens_of_b=False)
+    return f"Parentheses first: {added} {steps} Then add {p['d']}: {more}", r
+
+
+def _sample_friends_more(rng):
+    return {"name": rng.choice(NAMES), "item": rng.choice(ITEMS), **_sample_paren_more(rng)}
+
+
+def _friends_more(p, c):
+    added, s = _column_add(p["a"], p["b"], c, tens_of_b=False)
+    steps, product = _column_mul(s, p["c"], c)
+    more, r = _column_add(product, p["d"], c, tens_of_b=False)
+    return f"Each friend has {added} {steps} With {p['d']} more: {more}", r
+
+
 def _pair(rng, lo, hi):
     return {"a": rng.randint(lo, hi), "b": rng.randint(lo, hi)}
 
@@ -246,6 +269,14 @@ KINDS = (
     Kind("friends", 5, "word_problem",
           ("Each of {c} friends has {a} {item} and gets {b} more. How many {item} do the "
            "friends have in all?",), _sample_friends, _friends),
+    # Level 6 is off by default (`demo_corpus.generate`'s max_level 5): the hard tail.
+    Kind("paren_more", 6, "expression", ("Compute ({a} + {b}) × {c} + {d}.",
+                                         "Evaluate ({a} + {b}) × {c} + {d}."),
+         _sample_paren_more, _paren_more),
+    Kind("friends_more", 6, "word_problem",
+         ("Each of {c} friends has {a} {item} and gets {b} more, and then they find {d} more "
+          "{item}. How many {item} do the friends have in all?",),
+         _sample_friends_more, _friends_more),
 )
 
 

@@ -59,7 +59,9 @@ def demo_paths(config: ConfigDict) -> dict:
                     tmp, n_train=config.data.demo_train, n_heldout=config.data.demo_heldout,
                     n_fresh=config.data.get("demo_fresh", 0), seed=config.seed,
                     shortcut_fraction=config.data.get("demo_shortcut_fraction", 0.0),
-                    shortcut_mode=config.data.get("demo_shortcut_mode", "replace")))
+                    shortcut_mode=config.data.get("demo_shortcut_mode", "replace"),
+                    max_level=config.data.get("demo_max_level", 5),
+                    train_level_weights=tuple(config.data.get("demo_train_level_weights", ()))))
     return paths
 
 

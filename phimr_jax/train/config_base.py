@@ -137,6 +137,13 @@ def data_config() -> ConfigDict:
     # "replace": those problems' column solutions are rewritten; "add": a shortcut copy is added
     # beside each (the teacher wrote both), so every column solution stays in the corpus.
     d.demo_shortcut_mode = "replace"
+    # Levels of the demo corpus: 5, or 6 with the hard tail (level 6: a level-5 chain and then
+    # one more step; demo_corpus.generate). Held-out and RL's fresh problems are uniform over
+    # the levels; the training problems (the teacher's solutions) follow the weights below.
+    d.demo_max_level = 5
+    # Relative weight of each level 1..demo_max_level among the training problems (() =
+    # uniform). A small last weight: a tail the teacher's verified solutions rarely cover.
+    d.demo_train_level_weights = ()
     d.demo_vocab_size = 1024  # Demo sentencepiece vocab (<= the demo model's vocab).
     d.eval_problems = 64  # Held-out problems scored by greedy decoding at each evaluation.
     d.eval_max_new_tokens = 128  # Generation budget per held-out problem.
