@@ -41,6 +41,8 @@ def _independent_answer(problem: str) -> int:
         return nums[0] * nums[1] + nums[2]
     if "pens at" in problem:
         return nums[0] * nums[1] + nums[2] * nums[3]
+    if "they find" in problem:  # level 6: c friends with a + b each, then d more
+        return nums[0] * (nums[1] + nums[2]) + nums[3]
     if "friends has" in problem:
         return nums[0] * (nums[1] + nums[2])
     raise AssertionError(f"unknown problem family: {problem}")
@@ -97,6 +99,28 @@ def test_difficulty_spread_and_domains(corpus):
     assert {r["difficulty"] for r in heldout} == {1, 2, 3, 4, 5}
 
 
+def test_hard_tail_is_rare_in_train_and_has_its_share_of_heldout_and_fresh(tmp_path):
+    paths = demo_corpus.generate(str(tmp_path), n_train=3000, n_heldout=300, n_fresh=600,
+                                 seed=5, max_level=6, train_level_weights=(1, 1, 1, 1, 1, 0.1))
+    train, heldout, fresh = (_read(paths[s]) for s in ("train", "heldout", "fresh"))
+    share = {name: collections.Counter(r["difficulty"] for r in records)[6] / len(records)
+             for name, records in (("train", train), ("heldout", heldout), ("fresh", fresh))}
+    assert 0.01 < share["train"] < 0.035  # 0.1 / 5.1 = 2%
+    assert share["heldout"] > 0.11 and share["fresh"] > 0.11  # uniform: 1/6
+    tail = [r for r in train + heldout + fresh if r["difficulty"] == 6]
+    assert {r["domain"] for r in tail} == {"expression", "word_problem"}
+    for r in tail:
+        assert r["answer"] == str(_independent_answer(r["problem"])), r
+        assert BOXED.search(r["solution"]).group(1) == r["answer"]
+        for a, op, b, c in EQUATION.findall(r["solution"]):
+            assert OPS[op](int(a), int(b)) == int(c), r["solution"]
+        wrong = demo_corpus.wrong_solution(r, random.Random(0))
+        assert wrong["rollout_answer"] != r["answer"]
+    with pytest.raises(ValueError, match="6 weights"):
+        demo_corpus.generate(str(tmp_path / "x"), n_train=10, n_heldout=10, max_level=6,
+                             train_level_weights=(1, 1))
+
+
 def test_splits_disjoint_and_deterministic(corpus, tmp_path):
     paths, train, heldout = corpus
     held = [r["problem"] for r in heldout]
@@ -118,7 +142,7 @@ def test_fresh_problems_are_new_where_the_kind_has_room_and_never_held_out(tmp_p
     assert not {r["problem"] for r in fresh} & {r["problem"] for r in heldout}
     seen = {r["problem"] for r in train}
     kinds = collections.Counter(demo_corpus._find_kind(r["problem"])[0].name for r in fresh)
-    assert set(kinds) == {k.name for k in demo_corpus.KINDS}
+    assert set(kinds) == {k.name for k in demo_corpus.KINDS if k.difficulty <= 5}
     assert min(kinds.values()) > 0.4 * 600 / 10  # uniform levels, then kinds within a level
     # The word problems and expressions have room: all new. One-digit sums are used up by
     # train (~600 distinct problems): repeats.

@@ -53,6 +53,21 @@ METRIC_KEYS = (
     "filter/length_kept", "filter/length_dropped", "filter/accuracy_kept",
     "filter/accuracy_dropped", "time/rollout_s", "time/sample_s", "time/grade_s",
     "time/score_s", "time/update_s")
+# Per difficulty level of the prompts (when they carry one, and at most this many levels):
+# completions drawn, correct and kept by the filters in the last rollout. Counts, not ratios,
+# so a level the rollout drew no prompt of reads 0 instead of an undefined accuracy.
+MAX_LEVEL_METRICS = 12
+LEVEL_METRICS = ("completions", "correct", "kept")
+
+
+def level_metric_keys(prompts: list) -> tuple[list, tuple]:
+    """(the prompts' difficulty levels, sorted; their metric keys): none when the prompts have
+    no levels or more than MAX_LEVEL_METRICS of them."""
+    levels = {p.get("level") for p in prompts} - {None}
+    if not levels or len(levels) > MAX_LEVEL_METRICS:
+        return [], ()
+    levels = sorted(levels, key=lambda v: (float(v), v))
+    return levels, tuple(f"rollout/level_{lv}/{m}" for lv in levels for m in LEVEL_METRICS)
 
 
 class RolloutIterator:
@@ -71,7 +86,8 @@ class RolloutIterator:
         self.step = 0  # optimizer steps whose batch this iterator has produced
         self.rollouts = 0
         self.pending: list = []
-        self.metrics = {k: 0.0 for k in METRIC_KEYS}
+        self.levels, level_keys = level_metric_keys(prompts)
+        self.metrics = {k: 0.0 for k in METRIC_KEYS + level_keys}
         self._module = None
         self._last_rollout_end: Optional[float] = None
 
@@ -189,6 +205,7 @@ class RolloutIterator:
         counts = {"filter/accuracy_kept": len(idx), "filter/accuracy_dropped": 0,
                   **st.filter_metrics(keep_length, rebalanced)}
         self.metrics.update({k: float(counts[k]) for k in METRIC_KEYS if k in counts})
+        self._level_metrics(prompts, rewards, keep)
         if not keep.any():
             return 0
         rows = self._rows(policy.config, prompts, result, rewards, keep, temperature)
@@ -197,6 +214,16 @@ class RolloutIterator:
         self.metrics["time/score_s"] = time.perf_counter() - t3
         self._minibatches(rows)
         return int(keep.sum())
+
+    def _level_metrics(self, prompts: list, rewards: np.ndarray, keep: np.ndarray) -> None:
+        """Per-level counts of the rollout's completions ([prompts, G] rewards and keep)."""
+        levels = np.array([p.get("level") for p in prompts], object)
+        for lv in self.levels:
+            rows = levels == lv
+            self.metrics.update({
+                f"rollout/level_{lv}/completions": float(rewards[rows].size),
+                f"rollout/level_{lv}/correct": float((rewards[rows] > 0).sum()),
+                f"rollout/level_{lv}/kept": float(keep[rows].sum())})
 
     def _rows(self, model_config, prompts, result, rewards, keep, temperature) -> dict:
         """Right-padded training rows of every response (filtering happens after scoring, so the

@@ -137,7 +137,8 @@ def load_prompts(config: ConfigDict, tokenizer) -> tuple[list, dict]:
         if len(ids) > budget:
             too_long += 1
             continue
-        prompts.append({"prompt_ids": ids, "answer": str(rec["answer"])})
+        prompts.append({"prompt_ids": ids, "answer": str(rec["answer"]),
+                        "level": None if d is None else f"{d:g}"})
     if len(prompts) < config.rl.prompts_per_rollout:
         raise ValueError(f"{len(prompts)} usable RL prompts (of {len(source)}; {too_long} too "
                          f"long, {outside} outside the difficulty range), fewer than "

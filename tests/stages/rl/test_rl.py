@@ -75,6 +75,32 @@ def _iterator(config, setup, pool, layout="policy", module=None):
     return it
 
 
+def test_rollout_metrics_count_each_levels_completions(setup):
+    tok, model, prompts = setup
+    config = _config()
+    levelled = [{**p, "level": ("2", "10")[i % 2]} for i, p in enumerate(prompts)]
+    # Each group of 4: 1 correct -> kept with 1 negative (rebalanced).
+    it = RolloutIterator(config, tok, levelled, FakePool([True, False, False, False]),
+                         total_steps=config.total_steps, layout="policy",
+                         score_fn=make_score_fn(config, "policy", 8))
+    keys = [k for k in it.pop_metrics() if k.startswith("rollout/level_")]
+    assert keys == [f"rollout/level_{lv}/{m}" for lv in ("2", "10")
+                    for m in ("completions", "correct", "kept")]  # numeric order, from the start
+    graphdef, params = nnx.split(model, nnx.Param)
+    it.use_params(graphdef, params, 0)
+    next(it)
+    m = it.pop_metrics()
+    per_level = {lv: [m[f"rollout/level_{lv}/{k}"] for k in ("completions", "correct", "kept")]
+                 for lv in ("2", "10")}
+    assert sum(c for c, _, _ in per_level.values()) == 16
+    for completions, correct, kept in per_level.values():
+        assert completions == 4 * correct and kept == 2 * correct
+    assert sum(kept for _, _, kept in per_level.values()) == m["rollout/responses_kept"]
+    # Prompts without a level: no per-level keys.
+    assert not [k for k in _iterator(config, setup, FakePool([True])).pop_metrics()
+                if k.startswith("rollout/level_")]
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_rollout_batch_rows_advantages_and_minibatches(setup, temperature):
     tok, model, _ = setup
