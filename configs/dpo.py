@@ -40,6 +40,10 @@ def get_config(arg="demo"):
     # training problems: a right vs a wrong rollout (the paper's rollout pairs) / its first
     # slips as step pairs (phimr_jax/stages/dpo.py, own_pairs).
     c.dpo.own_pairs = ConfigDict()
+    # Which demo problems are rolled out: "train" (the teacher-solved ones stages 1-2 trained
+    # on) or "fresh" (the RL prompt pool: problems with an answer and no teacher solution; a
+    # rollout pair needs only the answer to label it).
+    c.dpo.own_pairs.problems = "train"
     c.dpo.own_pairs.samples = 4  # completions per problem
     c.dpo.own_pairs.temperature = 1.0  # sampling temperature of those completions
     c.dpo.own_pairs.max_new_tokens = 160  # completion budget (the longest solution: 122 tokens)

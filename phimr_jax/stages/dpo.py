@@ -222,7 +222,10 @@ def own_pairs(model, tokenizer, records: list, *, steps: bool, samples: int,
 
 def _write_own_pairs(model, tokenizer, config: ConfigDict, path: str) -> None:
     own = config.dpo.own_pairs
-    with open(distill.demo_paths(config)["train"]) as f:
+    split = own.get("problems", "train")
+    if split not in ("train", "fresh"):
+        raise ValueError(f"dpo.own_pairs.problems must be train or fresh, got {split!r}")
+    with open(distill.demo_paths(config)[split]) as f:
         records = [json.loads(line) for line in f if line.strip()]
     random.Random(config.seed).shuffle(records)
     records = records[:int(own.max_problems)]

@@ -211,9 +211,10 @@ def test_own_pairs_take_the_policys_first_slip_or_its_whole_rollouts(monkeypatch
     assert set(pair) == {"problem", "chosen", "rejected", "answer", "difficulty", "domain"}
 
 
-def test_own_rollout_pairs_are_made_once_from_the_initial_policy(tmp_path, monkeypatch):
+@pytest.mark.parametrize("split", ["train", "fresh"])
+def test_own_rollout_pairs_are_made_once_from_the_initial_policy(tmp_path, monkeypatch, split):
     """demo_pairs=own: prepare_reference samples the initial policy on training problems
-    (here a fake sampler: the right solution, then its slipped copy), writes one right-vs-wrong
+    (or, own_pairs.problems=fresh, on the RL pool's) (here a fake sampler: the right solution, then its slipped copy), writes one right-vs-wrong
     pair per problem into the stage's demo data, scores them as the reference, and the DPO
     batches train on them; a second prepare (a resume) samples nothing again."""
     from phimr_jax.data import demo_corpus
@@ -224,12 +225,12 @@ def test_own_rollout_pairs_are_made_once_from_the_initial_policy(tmp_path, monke
     tok = load_tokenizer("sentencepiece", sp_model())
     config = load("dpo", "demo")
     config.workdir = str(tmp_path)
-    config.data.update(demo_train=200, demo_heldout=16, demo_fresh=0, seq_len=320,
+    config.data.update(demo_train=200, demo_heldout=16, demo_fresh=40, seq_len=320,
                        max_pairs=12, global_batch_size=8)
-    config.dpo.own_pairs.update(samples=2, prompts_per_call=8)
+    config.dpo.own_pairs.update(samples=2, prompts_per_call=8, problems=split)
     config.dpo.demo_pairs = "own"
     records = {r["problem"]: r for r in map(json.loads, open(dpo.distill.demo_paths(config)[
-        "train"]))}
+        split]))}
     calls = []
 
     def fake_generate(model, prompts, *, num_samples, **kw):
