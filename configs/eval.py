@@ -38,7 +38,7 @@ def get_config(arg="math500"):
         # The demo corpus' training prompts carry no suffix: evaluate the demo model on the
         # prompts it was trained on (a 4-layer model does not generalise to an unseen suffix).
         c.suffix = "none"
-        c.max_new_tokens = 128
+        c.max_new_tokens = 192  # The longest demo solution (level 6) is 168 tokens.
         c.num_samples = 4
         c.dtype = "float32"
         c.grader_workers = 2

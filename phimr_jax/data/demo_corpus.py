@@ -11,6 +11,8 @@
                 shopping bill (two times-table facts, then their column sum)
   difficulty 5  (a + b) x c: a column sum, then a column product; the same (expression,
                 as a word problem about friends                             word_problem)
+  difficulty 6  (a + b) x c + d: level 5, then one number more (the bags'  (expression,
+                last step); only with max_level=6, the hard tail            word_problem)
 
 Levels 3-5 are chains of the steps levels 1-2 teach plus times-table facts, each written out
 column by column (no multi-digit operation done in one go: every step has a one-digit right
@@ -21,11 +23,13 @@ only reads the boxed answer; README, "demo recipe").
 
 The families themselves (templates, samplers, step-by-step solvers) are `demo_kinds.KINDS`.
 
-Each solution is a short chain of thought (under 80 words) whose every step is an exact integer
-operation, ending with "The answer is \\boxed{N}."; answers are non-negative integers written as
-strings. Difficulty levels are drawn uniformly. Held-out problems are distinct from each other
-and never appear in train; train problems are distinct too while the level has unused
-problems, but level 1 has only ~600 distinct problems, so large train sets repeat some easy
+Each solution is a short chain of thought (under 80 words; level 6 under 100) whose every
+step is an exact integer operation, ending with "The answer is \\boxed{N}."; answers are
+non-negative integers written as strings. Difficulty levels are drawn uniformly (training
+problems: by `train_level_weights` when given, so the hard tail can be rare in the teacher's
+data). Held-out problems are distinct from each other and never appear in train; train
+problems are distinct too while the level has unused problems, but level 1 has only ~600
+distinct problems, so large train sets repeat some easy
 ones (documented simplification: repetition of one-digit sums is harmless for the demo).
 
 `wrong_solution(record, rng)` gives the same problem solved with one deliberate slip (one

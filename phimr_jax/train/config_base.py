@@ -137,16 +137,21 @@ def data_config() -> ConfigDict:
     # "replace": those problems' column solutions are rewritten; "add": a shortcut copy is added
     # beside each (the teacher wrote both), so every column solution stays in the corpus.
     d.demo_shortcut_mode = "replace"
-    # Levels of the demo corpus: 5, or 6 with the hard tail (level 6: a level-5 chain and then
-    # one more step; demo_corpus.generate). Held-out and RL's fresh problems are uniform over
-    # the levels; the training problems (the teacher's solutions) follow the weights below.
-    d.demo_max_level = 5
+    # Levels of the demo corpus: 6, the hard tail included (level 6: a level-5 chain and then
+    # one number more, the step the demo model learns last; demo_corpus.generate), or 5 (the
+    # corpus before 2026-12-07). Held-out and RL's fresh problems are uniform over the levels;
+    # the training problems (the teacher's solutions) follow the weights below.
+    d.demo_max_level = 6
     # Relative weight of each level 1..demo_max_level among the training problems (() =
-    # uniform). A small last weight: a tail the teacher's verified solutions rarely cover.
-    d.demo_train_level_weights = ()
+    # uniform). Level 6 at 0.1 (2% of the problems): a tail the teacher's verified solutions
+    # rarely cover, as hard problems are in the paper's distillation data, while the RL prompts
+    # and the held-out set have it at 1/6. Stage 1 then scores level 6 at 11% pass@1 against a
+    # pass@4 of 37%: the room DPO and RL learn from (README, "The hard tail").
+    d.demo_train_level_weights = (1.0, 1.0, 1.0, 1.0, 1.0, 0.1)
     d.demo_vocab_size = 1024  # Demo sentencepiece vocab (<= the demo model's vocab).
     d.eval_problems = 64  # Held-out problems scored by greedy decoding at each evaluation.
-    d.eval_max_new_tokens = 128  # Generation budget per held-out problem.
+    # Generation budget per held-out problem (the demo's longest solution: 168 tokens).
+    d.eval_max_new_tokens = 192
     return d
 
 

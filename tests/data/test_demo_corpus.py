@@ -114,6 +114,7 @@ def test_hard_tail_is_rare_in_train_and_has_its_share_of_heldout_and_fresh(tmp_p
         assert BOXED.search(r["solution"]).group(1) == r["answer"]
         for a, op, b, c in EQUATION.findall(r["solution"]):
             assert OPS[op](int(a), int(b)) == int(c), r["solution"]
+        assert len(r["solution"].split()) < 100
         wrong = demo_corpus.wrong_solution(r, random.Random(0))
         assert wrong["rollout_answer"] != r["answer"]
     with pytest.raises(ValueError, match="6 weights"):
