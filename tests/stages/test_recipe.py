@@ -57,24 +57,26 @@ def _check_export_generates_like_our_sampler(hf_dir, run_dir, torch):
 
 @pytest.mark.slow
 def test_demo_recipe_chains_four_stages_exports_and_skips_finished_ones(tmp_path, torch_cpu):
-    """The README's main command as it is (the demo preset, 25 minutes on 2 AVX2 cores)."""
+    """The README's main command as it is (the demo preset, 31 minutes on 2 AVX2 cores)."""
     args = ["--config=configs/recipe.py", f"--config.workdir={tmp_path}"]
-    _run(*args, timeout=3600)  # 25 min on a 2-core AVX2 machine (README)
+    _run(*args, timeout=3600)  # 31 min on a 2-core AVX2 machine (README)
     rows = json.load(open(tmp_path / "recipe.json"))
     # No start row in the demo: its start is a random init (configs/recipe.py, eval_start_row).
     assert [r["stage"] for r in rows] == [f"+ {s}" for s in STAGES]
     assert all(r["problems"] == 256 and r["k"] == 4 for r in rows)
     by_stage = {r["stage"]: r for r in rows}
     first, last = by_stage["+ midtrain"], by_stage["+ rl"]
-    # Stage 1 at LR 1e-3 teaches the task on every seed measured: 90.6 / 97.5 / 87.3% held-out
-    # (seeds 0 / 1 / 2; at the former 2e-3, 87.8 / 82.8 / 70.9). A random init scores 0.
-    assert first["pass@1"] > 0.8, first["pass@1"]
-    # The later stages must not undo it: the final model within 2 paired SE of stage 1 or above
-    # (measured +0.6 +- 0.7, +0.1 +- 0.8, +6.8 +- 1.4). Issue 18's per-row criteria are not met
-    # by the demo (README, "demo recipe"): SFT +0.6 +- 0.5 on seed 0, where stage 1 has already
-    # fitted; DPO and RL within about two SE of zero. So they are not asserted.
-    change, se = recipe.paired_change(first["per_problem"], last["per_problem"])
-    assert change >= -2 * se, (change, se)
+    # Stage 1 teaches the task: 75.2% held-out on seed 0, levels 1-5 at 95-100% except the bags
+    # problems (62%), the hard tail (level 6, 2% of its data) at 11%. A random init scores 0.
+    assert first["pass@1"] > 0.6, first["pass@1"]
+    # Issue 18's criteria on the default seed (README, "The hard tail"): each later stage rises
+    # on the same problems, SFT and RL by >= 2 paired SE, DPO by >= 1 (measured on seed 0:
+    # +7.7 +- 1.5, +0.6 +- 0.4, +1.8 +- 0.7), and stage 4 ends >= 8 points above stage 1 (10.1).
+    for (before, after), n_se in zip(zip(STAGES, STAGES[1:]), (2, 1, 2)):
+        change, se = recipe.paired_change(by_stage[f"+ {before}"]["per_problem"],
+                                          by_stage[f"+ {after}"]["per_problem"])
+        assert change >= n_se * se, (after, change, se)
+    assert last["pass@1"] - first["pass@1"] >= 0.08, (first["pass@1"], last["pass@1"])
     text = (tmp_path / "recipe.md").read_text()
     assert "| + rl |" in text and "change vs previous row" in text
     for png in ("loss_per_stage.png", "rl_reward_temperature.png"):
