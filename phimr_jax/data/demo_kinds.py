@@ -202,10 +202,16 @@ def _sample_paren(rng):
             return {"a": a, "b": b, "c": rng.randint(2, 9)}
 
 
-def _paren(p, c):
+def _sum_times(p, c):
+    """(steps, (a + b) × c): the column sum, then the column product (levels 5 and 6)."""
     added, s = _column_add(p["a"], p["b"], c, tens_of_b=False)
     steps, r = _column_mul(s, p["c"], c)
-    return f"Parentheses first: {added} {steps}", r
+    return f"{added} {steps}", r
+
+
+def _paren(p, c):
+    steps, r = _sum_times(p, c)
+    return f"Parentheses first: {steps}", r
 
 
 def _sample_friends(rng):
@@ -213,9 +219,8 @@ def _sample_friends(rng):
 
 
 def _friends(p, c):
-    added, s = _column_add(p["a"], p["b"], c, tens_of_b=False)
-    steps, r = _column_mul(s, p["c"], c)
-    return f"Each friend has {added} {steps}", r
+    steps, r = _sum_times(p, c)
+    return f"Each friend has {steps}", r
 
 
 # --- difficulty 6: a level-5 chain, then a one-digit number more (the bags problems' last step)
@@ -223,11 +228,16 @@ def _sample_paren_more(rng):
     return {**_sample_paren(rng), "d": rng.randint(1, 9)}
 
 
-def _paren_more(p, c):
-    added, s = _column_add(p["a"], p["b"], c, tens_of_b=False)
-    steps, product = _column_mul(s, p["c"], c)
+def _sum_times_plus(p, c):
+    """(steps of (a + b) × c, steps of adding d, the answer)."""
+    steps, product = _sum_times(p, c)
     more, r = _column_add(product, p["d"], c, tens_of_b=False)
-    return f"Parentheses first: {added} {steps} Then add {p['d']}: {more}", r
+    return steps, more, r
+
+
+def _paren_more(p, c):
+    steps, more, r = _sum_times_plus(p, c)
+    return f"Parentheses first: {steps} Then add {p['d']}: {more}", r
 
 
 def _sample_friends_more(rng):
@@ -235,10 +245,8 @@ def _sample_friends_more(rng):
 
 
 def _friends_more(p, c):
-    added, s = _column_add(p["a"], p["b"], c, tens_of_b=False)
-    steps, product = _column_mul(s, p["c"], c)
-    more, r = _column_add(product, p["d"], c, tens_of_b=False)
-    return f"Each friend has {added} {steps} With {p['d']} more: {more}", r
+    steps, more, r = _sum_times_plus(p, c)
+    return f"Each friend has {steps} With {p['d']} more: {more}", r
 
 
 def _pair(rng, lo, hi):
