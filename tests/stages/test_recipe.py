@@ -57,9 +57,9 @@ def _check_export_generates_like_our_sampler(hf_dir, run_dir, torch):
 
 @pytest.mark.slow
 def test_demo_recipe_chains_four_stages_exports_and_skips_finished_ones(tmp_path, torch_cpu):
-    """The README's main command as it is (the demo preset, 31 minutes on 2 AVX2 cores)."""
+    """The README's main command as it is (the demo preset, 27 minutes on 2 AVX2 cores)."""
     args = ["--config=configs/recipe.py", f"--config.workdir={tmp_path}"]
-    _run(*args, timeout=3600)  # 31 min on a 2-core AVX2 machine (README)
+    _run(*args, timeout=3600)  # 27 min on a 2-core AVX2 machine (README)
     rows = json.load(open(tmp_path / "recipe.json"))
     # No start row in the demo: its start is a random init (configs/recipe.py, eval_start_row).
     assert [r["stage"] for r in rows] == [f"+ {s}" for s in STAGES]
