@@ -277,7 +277,8 @@ KINDS = (
     Kind("friends", 5, "word_problem",
           ("Each of {c} friends has {a} {item} and gets {b} more. How many {item} do the "
            "friends have in all?",), _sample_friends, _friends),
-    # Level 6 is off by default (`demo_corpus.generate`'s max_level 5): the hard tail.
+    # Level 6, the hard tail: only with `demo_corpus.generate(max_level=6)` (its default is 5;
+    # the demo presets' data.demo_max_level is 6).
     Kind("paren_more", 6, "expression", ("Compute ({a} + {b}) × {c} + {d}.",
                                          "Evaluate ({a} + {b}) × {c} + {d}."),
          _sample_paren_more, _paren_more),

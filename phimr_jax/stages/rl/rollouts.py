@@ -60,6 +60,10 @@ MAX_LEVEL_METRICS = 12
 LEVEL_METRICS = ("completions", "correct", "kept")
 
 
+def level_key(level: str, metric: str) -> str:
+    return f"rollout/level_{level}/{metric}"
+
+
 def level_metric_keys(prompts: list) -> tuple[list, tuple]:
     """(the prompts' difficulty levels, sorted; their metric keys): none when the prompts have
     no levels or more than MAX_LEVEL_METRICS of them."""
@@ -67,7 +71,7 @@ def level_metric_keys(prompts: list) -> tuple[list, tuple]:
     if not levels or len(levels) > MAX_LEVEL_METRICS:
         return [], ()
     levels = sorted(levels, key=lambda v: (float(v), v))
-    return levels, tuple(f"rollout/level_{lv}/{m}" for lv in levels for m in LEVEL_METRICS)
+    return levels, tuple(level_key(lv, m) for lv in levels for m in LEVEL_METRICS)
 
 
 class RolloutIterator:
@@ -220,10 +224,9 @@ class RolloutIterator:
         levels = np.array([p.get("level") for p in prompts], object)
         for lv in self.levels:
             rows = levels == lv
-            self.metrics.update({
-                f"rollout/level_{lv}/completions": float(rewards[rows].size),
-                f"rollout/level_{lv}/correct": float((rewards[rows] > 0).sum()),
-                f"rollout/level_{lv}/kept": float(keep[rows].sum())})
+            counts = (rewards[rows].size, (rewards[rows] > 0).sum(), keep[rows].sum())
+            self.metrics.update({level_key(lv, m): float(n)
+                                 for m, n in zip(LEVEL_METRICS, counts)})
 
     def _rows(self, model_config, prompts, result, rewards, keep, temperature) -> dict:
         """Right-padded training rows of every response (filtering happens after scoring, so the
