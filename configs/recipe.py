@@ -85,6 +85,9 @@ def _smoke(c):
             for key, value in small.items():
                 if key in stage.rl:
                     stage.rl[key] = value
+    # A 4-step model answers nothing right, so its own rollouts give DPO no pair: the
+    # generator's pairs (right and wrong solutions of the same problem) instead.
+    c.stages.dpo.dpo.demo_pairs = "whole"
     c.eval.limit = 8  # Problems in the held-out table.
     c.eval.num_samples = 1  # k.
     c.eval.max_new_tokens = 32
