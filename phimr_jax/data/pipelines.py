@@ -216,6 +216,30 @@ def prepass(source, tokenizer: ChatTokenizer, *, seq_len: int, shard_index: int 
     return indices[good], stats
 
 
+def _oversample(kept: np.ndarray, stats: DataStats, source, tokenizer: ChatTokenizer,
+                min_difficulty: float, repeats: int) -> tuple[np.ndarray, DataStats]:
+    """`kept` with each index of difficulty >= min_difficulty `repeats` times in all."""
+    if repeats < 1:
+        raise ValueError(f"oversample repeats must be >= 1, got {repeats}")
+    def is_hard(i: int) -> bool:
+        level = difficulty_value(source[i].get("difficulty"))
+        return level is not None and level >= min_difficulty
+
+    hard = np.asarray([i for i in kept.tolist() if is_hard(i)], np.int64)
+    if repeats == 1 or not len(hard):
+        return kept, stats
+    extra = np.concatenate([hard] * (repeats - 1))
+    parts = [_chunk_lengths(source, tokenizer, hard[i:i + PREPASS_CHUNK], None)
+             for i in range(0, len(hard), PREPASS_CHUNK)]
+    lengths, loss = (np.concatenate(x) for x in zip(*parts))
+    log.info("oversampling %d examples of difficulty >= %g x%d: %d rows per epoch",
+             len(hard), min_difficulty, repeats, len(kept) + len(extra))
+    return np.concatenate([kept, extra]), dataclasses.replace(
+        stats, num_kept=stats.num_kept + len(extra),
+        num_tokens=stats.num_tokens + (repeats - 1) * int(lengths.sum()),
+        num_loss_tokens=stats.num_loss_tokens + (repeats - 1) * int(loss.sum()))
+
+
 # --- datasets -------------------------------------------------------------------------------
 def _examples(kept: np.ndarray, source, tokenizer: ChatTokenizer, *, seed: int,
               num_epochs: Optional[int], shuffle: bool) -> grain.MapDataset:
@@ -269,16 +293,22 @@ def sft_dataset(source, tokenizer: ChatTokenizer, *, seq_len: int, batch_size: i
                 num_epochs: Optional[int], shard_index: int = 0, shard_count: int = 1,
                 shuffle: bool = True, min_difficulty: Optional[float] = None,
                 domains: Optional[Sequence[str]] = None, read_threads: int = 4,
+                oversample: Optional[tuple[float, int]] = None,
                 ) -> tuple[grain.IterDataset, DataStats]:
     """Stage-2 batches: one example per row, right-padded; the harder subset if asked.
 
     `min_difficulty` keeps records whose numeric difficulty (see `difficulty_value`) is >= it;
     `domains` keeps records whose domain is one of them; records lacking the field are
-    filtered out. Both are counted in `num_filtered`.
+    filtered out. Both are counted in `num_filtered`. `oversample` = (difficulty, repeats):
+    each kept example whose difficulty is >= that appears `repeats` times per epoch (each
+    epoch reshuffled as a whole), so the hard part of the subset weighs more without
+    dropping the rest; `num_kept` and the token counts then count every appearance.
     """
     _check_shapes(seq_len, batch_size, num_epochs)
     kept, stats = prepass(source, tokenizer, seq_len=seq_len, shard_index=shard_index,
                           shard_count=shard_count, keep=_make_filter(min_difficulty, domains))
+    if oversample is not None:
+        kept, stats = _oversample(kept, stats, source, tokenizer, *oversample)
     ds = _examples(kept, source, tokenizer, seed=seed, num_epochs=num_epochs, shuffle=shuffle)
     ds = ds.map(PadRow(seq_len, tokenizer.pad_id))
     ds = ds.to_iter_dataset(_read_options(batch_size, read_threads))

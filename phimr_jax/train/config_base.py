@@ -108,6 +108,10 @@ def data_config() -> ConfigDict:
     d.read_threads = 2  # grain worker threads for reading and tokenising.
     d.min_difficulty = -1.0  # SFT subset: keep difficulty >= this (-1 = no filter).
     d.domains = ""  # SFT subset: comma-separated domains to keep ("" = all).
+    # SFT: kept examples of difficulty >= oversample_min_difficulty appear oversample_repeats
+    # times per epoch (1 = off): the harder subset weighs more and the rest stays.
+    d.oversample_min_difficulty = -1.0
+    d.oversample_repeats = 1
     d.tokenizer = ConfigDict()
     d.tokenizer.kind = "hf"  # hf (tokenizer.json directory) | sentencepiece (.model file).
     d.tokenizer.path = ""  # "" = the tokenizer of the init checkpoint / HF dir, or the demo's.

@@ -167,6 +167,38 @@ def test_sft_rows_padding_and_filter(tok, tmp_path):
                     num_epochs=1, min_difficulty=3)
 
 
+def test_sft_oversampling_repeats_the_hard_examples_in_every_epoch(tok, tmp_path):
+    """oversample=(5, 3): records of difficulty >= 5 (after the filters) appear 3 times per
+    epoch, the rest once; the counts cover every appearance; a record without a difficulty is
+    never oversampled; the first epoch's order differs from the second's."""
+    rows = [{"problem": f"What is {i} + 1?", "solution": f"{i} + 1 = {i + 1}.",
+             "answer": str(i + 1), "difficulty": d, "domain": "arithmetic"}
+            for i, d in enumerate([1, 5, None, "Level 6", 0, 2])]
+    src = open_records(str(write_jsonl(tmp_path / "s.jsonl", rows)), fields=CANONICAL)
+    plain, once = sft_dataset(src, tok, seq_len=96, batch_size=1, seed=0, num_epochs=1)
+    ds, stats = sft_dataset(src, tok, seq_len=96, batch_size=1, seed=0, num_epochs=2,
+                            oversample=(5, 3))
+    assert once.num_kept == 6 and stats.num_kept == 10  # 2 hard records, 2 extra times each
+    hard_tokens = sum(len(example_arrays(tok, rows[i])["inputs"]) for i in (1, 3))
+    hard_loss = sum(int(example_arrays(tok, rows[i])["loss_mask"].sum()) for i in (1, 3))
+    assert stats.num_tokens == once.num_tokens + 2 * hard_tokens
+    assert stats.num_loss_tokens == once.num_loss_tokens + 2 * hard_loss
+    index = {_key(example_arrays(tok, r)["inputs"]): i for i, r in enumerate(rows)}
+    seen = [index[_key(b["inputs"][0][b["segment_ids"][0] > 0])] for b in _batches(ds, 20)]
+    for epoch in (seen[:10], seen[10:]):
+        assert collections.Counter(epoch) == {0: 1, 1: 3, 2: 1, 3: 3, 4: 1, 5: 1}
+    assert seen[:10] != seen[10:]
+    # A filter first, then the oversampling of what it kept: level 5 is filtered out.
+    _, stats = sft_dataset(src, tok, seq_len=96, batch_size=1, seed=0, num_epochs=1,
+                           min_difficulty=6, oversample=(5, 4))
+    assert (stats.num_filtered, stats.num_kept) == (5, 4)
+    _, stats = sft_dataset(src, tok, seq_len=96, batch_size=1, seed=0, num_epochs=1,
+                           oversample=(5, 1))
+    assert stats == once and len(_batches(plain)) == 6
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        sft_dataset(src, tok, seq_len=96, batch_size=1, seed=0, num_epochs=1, oversample=(5, 0))
+
+
 @pytest.mark.parametrize("builder,k,kwargs", [
     (midtrain_dataset, 44, {}),
     (midtrain_dataset, 43, {"num_packing_bins": 3}),  # saved in the middle of a packed group

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from phimr_jax.stages import sft
+from phimr_jax.stages import distill, sft
 from phimr_jax.stages.distill import resolve_tokenizer
 from phimr_jax.train import checkpointing
 from phimr_jax.train.metrics import read_metrics
@@ -123,6 +123,22 @@ def test_sft_batches_mask_prompt_and_train_end(tmp_path):
         last = int(np.flatnonzero(mask)[-1])
         assert targets[last] == tokenizer.end_id  # the final <|end|> carries loss
         assert mask[assistant:last + 1].all() and not mask[~real].any()
+
+
+def test_sft_oversampling_settings_reach_the_data(tmp_path):
+    """data.oversample_*: each kept example of difficulty >= 4 appears 3 times per epoch, and
+    rows_per_epoch (which sets total_steps=-1) counts the repeats."""
+    config = load("sft", "demo")
+    config.workdir = str(tmp_path)
+    config.data.demo_train, config.data.demo_heldout = 200, 8
+    tokenizer, _ = resolve_tokenizer(config, "")
+    _, plain = sft.make_data(config, tokenizer)
+    config.data.oversample_min_difficulty, config.data.oversample_repeats = 4.0, 3
+    _, stats = sft.make_data(config, tokenizer)
+    source = distill.open_train_source(config)
+    hard = sum(source[i]["difficulty"] >= 4 for i in range(len(source)))
+    assert 0 < hard < len(source) and plain["num_kept"] == len(source)
+    assert stats["rows_per_epoch"] == plain["rows_per_epoch"] + 2 * hard
 
 
 @pytest.mark.slow
