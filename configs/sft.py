@@ -23,6 +23,9 @@ def get_config(arg="demo"):
         # problems), seed 0: +7.7 +- 1.5, level 4 62 -> 87% and level 6 11 -> 23% (README,
         # "The hard tail").
         c.data.min_difficulty = -1.0
+        # Level 6 repeated 8 times (data.oversample_min_difficulty 6, oversample_repeats 8):
+        # SFT +12.9 / +1.3 / +5.1 (seeds 0 / 1 / 2), but DPO and RL after it then rose on no
+        # seed (README, "SFT on the tail"): off.
         # The longest demo prompt (53 tokens) + solution (168) + EOS is 222; the measured runs
         # used 256.
         c.data.seq_len = 256
