@@ -175,8 +175,11 @@ def _shard_indices(n: int, shard_index: int, shard_count: int) -> np.ndarray:
 
 
 def _chunk_lengths(source, tokenizer: ChatTokenizer, chunk: np.ndarray,
-                   keep: Optional[Callable[[dict], bool]]) -> tuple[np.ndarray, np.ndarray]:
-    """(example length len(ids) - 1, completion length) per record; -1 where filtered out."""
+                   keep: Optional[Callable[[dict], bool]],
+                   copies: Optional[Callable[[dict], int]] = None,
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(example length len(ids) - 1, completion length, appearances per epoch) per record;
+    length -1 where filtered out."""
     records = [source[int(i)] for i in chunk]
     for i, record in zip(chunk, records):
         _check_record(record, int(i))
@@ -185,59 +188,63 @@ def _chunk_lengths(source, tokenizer: ChatTokenizer, chunk: np.ndarray,
     completions = tokenizer.completion_ids_batch([records[j]["solution"] for j in passing])
     lengths = np.full(len(chunk), -1, np.int64)
     loss = np.zeros(len(chunk), np.int64)
+    count = np.ones(len(chunk), np.int64)
     for j, p, c in zip(passing, prompts, completions):
         lengths[j], loss[j] = len(p) + len(c) - 1, len(c)
-    return lengths, loss
+        if copies is not None:
+            count[j] = copies(records[j])
+    return lengths, loss, count
 
 
 def prepass(source, tokenizer: ChatTokenizer, *, seq_len: int, shard_index: int = 0,
             shard_count: int = 1, keep: Optional[Callable[[dict], bool]] = None,
+            copies: Optional[Callable[[dict], int]] = None,
             ) -> tuple[np.ndarray, DataStats]:
-    """(kept record indices of this shard, stats): filter, tokenise once, drop too-long."""
+    """(kept record indices of this shard, stats): filter, tokenise once, drop too-long.
+
+    `copies(record)`: how many times a kept record appears per epoch (default once); the
+    indices then list every kept record once, followed by the second appearances, the third,
+    and so on, and the counts in `stats` cover every appearance.
+    """
     indices = _shard_indices(len(source), shard_index, shard_count)
     lengths = np.empty(len(indices), np.int64)
     loss = np.empty(len(indices), np.int64)
+    count = np.empty(len(indices), np.int64)
     for start in range(0, len(indices), PREPASS_CHUNK):
         part = slice(start, start + PREPASS_CHUNK)
-        lengths[part], loss[part] = _chunk_lengths(source, tokenizer, indices[part], keep)
+        lengths[part], loss[part], count[part] = _chunk_lengths(source, tokenizer,
+                                                                indices[part], keep, copies)
         if start and start % PREPASS_LOG_EVERY < PREPASS_CHUNK:
             log.info("pre-pass: %d / %d records", start, len(indices))
     good = (lengths >= 0) & (lengths <= seq_len)
-    stats = DataStats(num_records=len(indices), num_kept=int(good.sum()),
+    times = count[good]
+    stats = DataStats(num_records=len(indices), num_kept=int(times.sum()),
                       num_too_long=int((lengths > seq_len).sum()),
                       num_filtered=int((lengths < 0).sum()),
                       num_malformed=getattr(source, "num_malformed", 0),
-                      num_tokens=int(lengths[good].sum()), num_loss_tokens=int(loss[good].sum()))
+                      num_tokens=int((lengths[good] * times).sum()),
+                      num_loss_tokens=int((loss[good] * times).sum()))
     if stats.num_too_long:
         log.warning("dropped %d of %d examples longer than seq_len=%d (shard %d/%d)",
                     stats.num_too_long, len(indices), seq_len, shard_index, shard_count)
     if not stats.num_kept:
         raise DataError(f"no usable examples in shard {shard_index}/{shard_count}: {stats}")
-    return indices[good], stats
+    kept = indices[good]
+    if stats.num_kept > len(kept):
+        log.info("%d kept examples appear more than once: %d rows per epoch",
+                 int((times > 1).sum()), stats.num_kept)
+    return np.concatenate([kept] + [kept[times > k] for k in range(1, int(times.max()))]), stats
 
 
-def _oversample(kept: np.ndarray, stats: DataStats, source, tokenizer: ChatTokenizer,
-                min_difficulty: float, repeats: int) -> tuple[np.ndarray, DataStats]:
-    """`kept` with each index of difficulty >= min_difficulty `repeats` times in all."""
+def _make_copies(min_difficulty: float, repeats: int) -> Callable[[dict], int]:
+    """record -> `repeats` if its difficulty is >= min_difficulty, else 1."""
     if repeats < 1:
         raise ValueError(f"oversample repeats must be >= 1, got {repeats}")
-    def is_hard(i: int) -> bool:
-        level = difficulty_value(source[i].get("difficulty"))
-        return level is not None and level >= min_difficulty
 
-    hard = np.asarray([i for i in kept.tolist() if is_hard(i)], np.int64)
-    if repeats == 1 or not len(hard):
-        return kept, stats
-    extra = np.concatenate([hard] * (repeats - 1))
-    parts = [_chunk_lengths(source, tokenizer, hard[i:i + PREPASS_CHUNK], None)
-             for i in range(0, len(hard), PREPASS_CHUNK)]
-    lengths, loss = (np.concatenate(x) for x in zip(*parts))
-    log.info("oversampling %d examples of difficulty >= %g x%d: %d rows per epoch",
-             len(hard), min_difficulty, repeats, len(kept) + len(extra))
-    return np.concatenate([kept, extra]), dataclasses.replace(
-        stats, num_kept=stats.num_kept + len(extra),
-        num_tokens=stats.num_tokens + (repeats - 1) * int(lengths.sum()),
-        num_loss_tokens=stats.num_loss_tokens + (repeats - 1) * int(loss.sum()))
+    def copies(record: dict) -> int:
+        level = difficulty_value(record.get("difficulty"))
+        return repeats if level is not None and level >= min_difficulty else 1
+    return copies
 
 
 # --- datasets -------------------------------------------------------------------------------
@@ -306,9 +313,8 @@ def sft_dataset(source, tokenizer: ChatTokenizer, *, seq_len: int, batch_size: i
     """
     _check_shapes(seq_len, batch_size, num_epochs)
     kept, stats = prepass(source, tokenizer, seq_len=seq_len, shard_index=shard_index,
-                          shard_count=shard_count, keep=_make_filter(min_difficulty, domains))
-    if oversample is not None:
-        kept, stats = _oversample(kept, stats, source, tokenizer, *oversample)
+                          shard_count=shard_count, keep=_make_filter(min_difficulty, domains),
+                          copies=None if oversample is None else _make_copies(*oversample))
     ds = _examples(kept, source, tokenizer, seed=seed, num_epochs=num_epochs, shuffle=shuffle)
     ds = ds.map(PadRow(seq_len, tokenizer.pad_id))
     ds = ds.to_iter_dataset(_read_options(batch_size, read_threads))

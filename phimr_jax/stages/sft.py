@@ -29,7 +29,7 @@ def make_data(config: ConfigDict, tokenizer):
         min_difficulty=d.min_difficulty if d.min_difficulty >= 0 else None,
         domains=[x.strip() for x in d.domains.split(",") if x.strip()] or None,
         oversample=(d.oversample_min_difficulty, d.oversample_repeats)
-        if d.get("oversample_repeats", 1) > 1 else None,
+        if d.oversample_repeats != 1 else None,
         **distill.shard_args(config))
     out = stats.as_dict()
     out["rows_per_epoch"] = stats.num_kept * jax.process_count()

@@ -215,9 +215,10 @@ def test_own_pairs_take_the_policys_first_slip_or_its_whole_rollouts(monkeypatch
 @pytest.mark.parametrize("split", ["train", "fresh"])
 def test_own_rollout_pairs_are_made_once_from_the_initial_policy(tmp_path, monkeypatch, split):
     """demo_pairs=own: prepare_reference samples the initial policy on training problems (or,
-    own_pairs.problems=fresh, on the RL pool's; here a fake sampler: the right solution, then its
-    slipped copy), writes one right-vs-wrong pair per problem into the stage's demo data, scores them as the reference, and the DPO
-    batches train on them; a second prepare (a resume) samples nothing again."""
+    own_pairs.problems=fresh, on the RL pool's; here a fake sampler: the right solution, then
+    its slipped copy), writes one right-vs-wrong pair per problem into the stage's demo data,
+    scores them as the reference, and the DPO batches train on them; a second prepare (a
+    resume) samples nothing again."""
     from phimr_jax.data import demo_corpus
     from phimr_jax.data.tokenizers import load_tokenizer
     from phimr_jax.model.sampling import GenerateResult
