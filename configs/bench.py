@@ -42,7 +42,7 @@ def get_config(arg="sampler"):
     c.sampler.new_tokens = 128  # Generated tokens per row (no early stop).
     c.sampler.repeats = 3  # Timed repetitions; the best is reported.
     # Our model's compute dtype (float32 master weights either way); the demo presets compute
-    # in bfloat16. HF always runs float32.
+    # in "auto" (bfloat16 with bfloat16 units, else float32). HF always runs float32.
     c.sampler.dtype = "float32"
     # torch thread counts tried for HF (0 = all cores); HF's best is the baseline.
     c.sampler.hf_threads = "1,0"
@@ -72,7 +72,7 @@ def get_config(arg="sampler"):
     c.train_step.matmul_size = 2048  # n of the [n, n] @ [n, n] matmul timed as the ceiling.
     if arg == "train_step_demo":
         # The demo recipe's stage-1 step: demo model, 16 packed rows of 256 tokens, a Python
-        # loop over its 4 layers, bfloat16 compute over float32 master weights, blockwise
+        # loop over its 4 layers, "auto" compute over float32 master weights, blockwise
         # attention in 64-token blocks (configs/midtrain.py:demo). The issue-18 "before" figure
         # is the same command with --config.train_step.dtype=float32 and attention_impl=xla.
         c.train_step.model_preset = "demo"
@@ -81,7 +81,7 @@ def get_config(arg="sampler"):
         c.train_step.seq_len = 256
         c.train_step.chunk_size = 1024
         c.train_step.scan_layers = False
-        c.train_step.dtype = "bfloat16"
+        c.train_step.dtype = "auto"  # As the demo presets: float32 on CPUs without bf16 units.
         c.train_step.attention_impl = "blockwise"
     if arg in ("device", "device_smoke"):
         c.stage = "bench_device"  # phimr_jax/tools/bench_device.py (see main.py STAGES).

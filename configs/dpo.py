@@ -57,7 +57,7 @@ def get_config(arg="demo"):
         # tail (level 6) has its full share, with an NLL term on the chosen side (RPO) against
         # likelihood displacement. Measured on the hard-tail corpus, seed 0 (README, "The hard
         # tail"): +0.6 +- 0.4 (level 6 23 -> 27%), from 320 pairs of 5120 rollouts at T 1.0.
-        demo_model(c)  # Demo model, bfloat16 compute, CPU-tuned kernels.
+        demo_model(c)  # Demo model, "auto" compute dtype, CPU-tuned kernels.
         c.data.demo = True
         c.data.seq_len = 256  # The longest prompt + solution + <|end|>: 222 tokens.
         c.data.global_batch_size = 16  # rows = 8 pairs per step

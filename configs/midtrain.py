@@ -13,7 +13,7 @@ def get_config(arg="demo"):
     c.data = data_config()
     if arg == "demo":
         # Tiny Phi-architecture model from scratch on the synthetic corpus: minutes on 2 cores.
-        demo_model(c)  # Demo model, bfloat16 compute, CPU-tuned kernels.
+        demo_model(c)  # Demo model, "auto" compute dtype, CPU-tuned kernels.
         c.data.demo = True
         c.data.seq_len = 256
         c.data.global_batch_size = 16

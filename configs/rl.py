@@ -75,7 +75,7 @@ def get_config(arg="demo"):
     c.eval_every_steps = 0
     if arg == "demo":
         # From the demo DPO (or SFT) run: --config.init.checkpoint=runs/demo/dpo.
-        demo_model(c)  # Demo model, bfloat16 compute, CPU-tuned kernels.
+        demo_model(c)  # Demo model, "auto" compute dtype, CPU-tuned kernels.
         c.data.demo = True
         # Every level: in the demo corpus each written step is one the model can learn and the
         # answers are two- or three-digit numbers, so a rewarded answer is right step by step

@@ -11,7 +11,7 @@ def get_config(arg="demo"):
     c = train_config("sft")
     c.data = data_config()
     if arg == "demo":
-        demo_model(c)  # Demo model, bfloat16 compute, CPU-tuned kernels.
+        demo_model(c)  # Demo model, "auto" compute dtype, CPU-tuned kernels.
         c.data.demo = True
         # Every level, not the paper's harder subset: the 1.8M-parameter demo model has not yet
         # fixed its one-digit facts, and SFT without level 1 made it forget them. Measured (paired

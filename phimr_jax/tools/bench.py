@@ -42,7 +42,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from phimr_jax.model.config import preset
+from phimr_jax.model.config import preset, resolve_compute_dtype
 from phimr_jax.model.hf_io import load_hf, save_hf
 from phimr_jax.model.phi3 import init_model, param_count
 from phimr_jax.model.sampling import generate
@@ -85,7 +85,7 @@ def bench_sampler(config: ConfigDict) -> dict:
     import torch
 
     b = config.sampler
-    cfg, model, hf = _ours_and_hf(b, dtype=b.get("dtype", "float32"))
+    cfg, model, hf = _ours_and_hf(b, dtype=resolve_compute_dtype(b.get("dtype", "float32")))
     rng = np.random.default_rng(0)
     prompts = rng.integers(4, cfg.vocab_size, size=(b.batch_size, b.prompt_len)).tolist()
     hf.generation_config.eos_token_id = None
@@ -278,7 +278,8 @@ def bench_train_step(config: ConfigDict) -> dict:
     b = config.train_step
     cfg = preset(b.model_preset, **dict(b.model_overrides), attention_impl=b.attention_impl,
                  attention_block_size=b.attention_block_size, remat_policy=b.remat_policy,
-                 dtype=b.dtype, scan_layers=bool(b.get("scan_layers", True)))
+                 dtype=resolve_compute_dtype(b.dtype),
+                 scan_layers=bool(b.get("scan_layers", True)))
     model = init_model(cfg, seed=0)
     graphdef, params = nnx.split(model)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-4, b1=0.9, b2=0.95))

@@ -41,7 +41,9 @@ def train_config(stage: str) -> ConfigDict:
     c.model.preset = "demo"  # Architecture for a fresh init (demo | phi4_mini | tiny).
     c.model.overrides = ConfigDict()  # Extra ModelConfig fields for a fresh init.
     c.model.param_dtype = "float32"  # Master weights (and optimizer state) dtype.
-    c.model.dtype = "float32"  # Compute dtype of the matmuls (bfloat16 for mixed precision).
+    # Compute dtype of the matmuls: float32 | bfloat16 (mixed precision) | auto (bfloat16 on
+    # accelerators and on CPUs with bfloat16 units, else float32: model/config.py).
+    c.model.dtype = "float32"
     c.model.remat_policy = "none"  # Per-layer rematerialisation: none | full | dots.
     # Decoder layers under lax.scan (True: one compiled layer, for deep models) or a Python loop
     # (False: faster for the 4-layer demo model on CPU, 0.65 -> 0.55 s per demo step).
@@ -161,13 +163,15 @@ def data_config() -> ConfigDict:
 
 def demo_model(c: ConfigDict) -> ConfigDict:
     """The demo presets' model and kernels, tuned for 2 CPU cores (BENCHMARKS.md, "demo train
-    step"): the demo model; its 4 layers in a Python loop (no scan buffers); bfloat16 matmuls
-    over float32 master weights (matrix units such as AMX run them 3-5x faster than float32,
-    and the demo model's stage-1 loss was no worse); blockwise attention in 64-token blocks,
-    which skips the causal blocks above the diagonal of the 192-256-token rows."""
+    step"): the demo model; its 4 layers in a Python loop (no scan buffers); compute dtype
+    "auto" over float32 master weights: bfloat16 where the hardware has bfloat16 units (AMX runs
+    the demo step 2x faster than in float32, and the demo model's stage-1 loss was no worse),
+    float32 on CPUs without them, where bfloat16 is emulated and 1.5x slower; blockwise
+    attention in 64-token blocks, which skips the causal blocks above the diagonal of the
+    192-256-token rows."""
     c.model.preset = "demo"
     c.model.scan_layers = False
-    c.model.dtype = "bfloat16"
+    c.model.dtype = "auto"
     c.model.attention_impl = "blockwise"
     c.model.attention_block_size = 64
     return c

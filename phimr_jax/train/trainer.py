@@ -40,7 +40,7 @@ from ml_collections import ConfigDict
 
 from phimr_jax.model import sharding
 from phimr_jax.model.actor_critic import PARAM_LAYOUTS, abstract_for_layout
-from phimr_jax.model.config import ModelConfig
+from phimr_jax.model.config import ModelConfig, resolve_compute_dtype
 from phimr_jax.model.phi3 import abstract_model
 from phimr_jax.train import checkpointing
 from phimr_jax.train.config_base import mesh_and_rules
@@ -179,7 +179,10 @@ def _model_for_run(config, mngr, mesh, rules):
             if config.model.get("attention_impl") else {}
         if config.model.get("attention_block_size"):
             kernel["attention_block_size"] = config.model.attention_block_size
-        model = with_model_config(model, dtype=config.model.dtype,
+        dtype = resolve_compute_dtype(config.model.dtype)
+        if config.model.dtype == "auto":
+            log.info("compute dtype auto: %s on this %s", dtype, jax.default_backend())
+        model = with_model_config(model, dtype=dtype,
                                   remat_policy=config.model.remat_policy,
                                   scan_layers=bool(config.model.get("scan_layers", True)),
                                   **kernel)
@@ -261,7 +264,8 @@ def _log_memory_estimate(config, model_config, mesh, accum: int, layout: str) ->
     est = estimate(model_config, seq_len=int(config.data.seq_len),
                    batch_per_device=max(1, config.data.global_batch_size // accum // batch_devices),
                    devices=shape.get("fsdp", 1) * shape.get("tensor", 1),
-                   param_dtype=config.model.param_dtype, compute_dtype=config.model.dtype,
+                   param_dtype=config.model.param_dtype,
+                   compute_dtype=resolve_compute_dtype(config.model.dtype),
                    remat_policy=config.model.remat_policy,
                    chunk_size=int(config.get("loss", {}).get("chunk_size", 1024)),
                    grad_accum_steps=accum)
