@@ -9,7 +9,8 @@ stage-2 model (frozen; its log-probs are computed once before training).
 
 from ml_collections import ConfigDict
 
-from phimr_jax.train.config_base import data_config, demo_model, phi4_mini_training, train_config
+from phimr_jax.train.config_base import (data_config, demo_data, demo_model, phi4_mini_training,
+                                         train_config)
 
 
 def get_config(arg="demo"):
@@ -58,7 +59,7 @@ def get_config(arg="demo"):
         # likelihood displacement. Measured on the hard-tail corpus, seed 0 (README, "The hard
         # tail"): +0.6 +- 0.4 (level 6 23 -> 27%), from 320 pairs of 5120 rollouts at T 1.0.
         demo_model(c)  # Demo model, "auto" compute dtype, CPU-tuned kernels.
-        c.data.demo = True
+        demo_data(c)  # The generated corpus: hard tail, a step-skipping teacher.
         c.data.seq_len = 256  # The longest prompt + solution + <|end|>: 222 tokens.
         c.data.global_batch_size = 16  # rows = 8 pairs per step
         c.total_steps = 40
@@ -74,10 +75,12 @@ def get_config(arg="demo"):
         # -4.1 +- 1.2; pairs from the stage-2 model's own rollouts -12.3 (2e-5) and -4.4 (RPO
         # 5e-5). README, "demo recipe". On the shortcut corpus (data.demo_shortcut_fraction
         # 0.3), own rollout pairs (demo_pairs=own) with RPO (nll_weight 1) at 5e-6: +4.7 +- 0.7
-        # and +2.9 +- 0.7 ("replace", seeds 0, 1), +2.8 +- 0.7 and +3.4 +- 0.6 ("add"). On the all-column corpus, the SFT model's own first
-        # slips as step pairs (demo_pairs=own_steps): 1e-5 -0.5 +- 0.4, RPO 1e-5 -0.9 +- 0.5,
-        # RPO 3e-5 -2.8 +- 0.8, RPO 1e-4 -16.4 +- 2.1. (Those corpora had no level 6; the
-        # generator's pairs are demo_pairs=whole.)
+        # and +2.9 +- 0.7 ("replace", seeds 0, 1), +2.8 +- 0.7 and +3.4 +- 0.6 ("add"). On
+        # the all-column corpus, the SFT model's own first slips as step pairs
+        # (demo_pairs=own_steps): 1e-5 -0.5 +- 0.4, RPO 1e-5 -0.9 +- 0.5, RPO 3e-5 -2.8 +- 0.8,
+        # RPO 1e-4 -16.4 +- 2.1. (Those corpora had no level 6; the generator's pairs are
+        # demo_pairs=whole.) Hard tail + shortcut "add" 0.3 (the preset since 2026-12-07),
+        # float32 compute, seed 0: +3.9 +- 0.8 (README, "demo recipe").
         c.optim.learning_rate = 5e-6
         c.log_every_steps = 10
         c.checkpoint_every_steps = 20

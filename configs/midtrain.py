@@ -5,7 +5,8 @@
       --config.init.hf_dir=/path/Phi-4-mini --config.data.train_files='/data/s1/*.parquet'
 """
 
-from phimr_jax.train.config_base import data_config, demo_model, phi4_mini_training, train_config
+from phimr_jax.train.config_base import (data_config, demo_data, demo_model, phi4_mini_training,
+                                         train_config)
 
 
 def get_config(arg="demo"):
@@ -14,7 +15,7 @@ def get_config(arg="demo"):
     if arg == "demo":
         # Tiny Phi-architecture model from scratch on the synthetic corpus: minutes on 2 cores.
         demo_model(c)  # Demo model, "auto" compute dtype, CPU-tuned kernels.
-        c.data.demo = True
+        demo_data(c)  # The generated corpus: hard tail, a step-skipping teacher.
         c.data.seq_len = 256
         c.data.global_batch_size = 16
         # About one epoch of the 30000-problem corpus (data.demo_train). Measured on the old

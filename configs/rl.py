@@ -10,7 +10,8 @@ trained, in the same process.
 
 from ml_collections import ConfigDict
 
-from phimr_jax.train.config_base import data_config, demo_model, phi4_mini_training, train_config
+from phimr_jax.train.config_base import (data_config, demo_data, demo_model, phi4_mini_training,
+                                         train_config)
 
 
 def get_config(arg="demo"):
@@ -76,7 +77,7 @@ def get_config(arg="demo"):
     if arg == "demo":
         # From the demo DPO (or SFT) run: --config.init.checkpoint=runs/demo/dpo.
         demo_model(c)  # Demo model, "auto" compute dtype, CPU-tuned kernels.
-        c.data.demo = True
+        demo_data(c)  # The generated corpus: hard tail, a step-skipping teacher.
         # Every level: in the demo corpus each written step is one the model can learn and the
         # answers are two- or three-digit numbers, so a rewarded answer is right step by step
         # (held-out, stage 1, seed 0: 3 of 656 correct samples had a false step). The prompts

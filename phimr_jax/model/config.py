@@ -376,40 +376,6 @@ def preset(name: str, **overrides) -> ModelConfig:
     return PRESETS[name](**overrides)
 
 
-# /proc/cpuinfo flags of x86 CPUs whose bfloat16 dot products run natively (AMX, AVX512-BF16).
-_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
-
-
-def cpu_has_bfloat16_units(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether this host's CPU multiplies bfloat16 natively (AMX-BF16 or AVX512-BF16), read from
-    `cpuinfo`'s flags; False where that file cannot be read (not Linux)."""
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return any(flag in line.split() for flag in _BF16_CPU_FLAGS)
-    except OSError:
-        pass
-    return False
-
-
-def resolve_compute_dtype(dtype: str, backend: Optional[str] = None,
-                          cpuinfo: str = "/proc/cpuinfo") -> str:
-    """A config's compute dtype with "auto" resolved for the hardware the run is on: bfloat16
-    on accelerators and on CPUs with bfloat16 units, float32 on other CPUs. There XLA emulates
-    bfloat16 (a convert to float32 around every op and matmul): on a 2-core AVX2 EPYC the demo
-    train step took 0.92 s in bfloat16 and 0.63 s in float32 (BENCHMARKS.md), while on an AMX
-    Xeon bfloat16 ran the same step 2x faster. Other names pass through unchanged."""
-    if dtype != "auto":
-        return dtype_name(dtype)
-    if backend is None:
-        import jax
-        backend = jax.default_backend()
-    if backend != "cpu" or cpu_has_bfloat16_units(cpuinfo):
-        return "bfloat16"
-    return "float32"
-
-
 def dtype_name(dtype: Any) -> str:
     """Canonical name of a dtype-like ("bf16", jnp.bfloat16, "float32", ...)."""
     aliases = {"bf16": "bfloat16", "fp32": "float32", "f32": "float32", "fp16": "float16"}
@@ -420,4 +386,4 @@ def dtype_name(dtype: Any) -> str:
 
 
 __all__ = ["ModelConfig", "ConfigError", "phi4_mini", "tiny", "demo", "preset", "PRESETS",
-           "read_json", "dtype_name", "resolve_compute_dtype", "cpu_has_bfloat16_units"]
+           "read_json", "dtype_name"]

@@ -42,7 +42,8 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from phimr_jax.model.config import preset, resolve_compute_dtype
+from phimr_jax.model.config import preset
+from phimr_jax.model.dtypes import resolve_compute_dtype
 from phimr_jax.model.hf_io import load_hf, save_hf
 from phimr_jax.model.phi3 import init_model, param_count
 from phimr_jax.model.sampling import generate

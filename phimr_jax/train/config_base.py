@@ -42,7 +42,7 @@ def train_config(stage: str) -> ConfigDict:
     c.model.overrides = ConfigDict()  # Extra ModelConfig fields for a fresh init.
     c.model.param_dtype = "float32"  # Master weights (and optimizer state) dtype.
     # Compute dtype of the matmuls: float32 | bfloat16 (mixed precision) | auto (bfloat16 on
-    # accelerators and on CPUs with bfloat16 units, else float32: model/config.py).
+    # accelerators and on CPUs with bfloat16 units, else float32: model/dtypes.py).
     c.model.dtype = "float32"
     c.model.remat_policy = "none"  # Per-layer rematerialisation: none | full | dots.
     # Decoder layers under lax.scan (True: one compiled layer, for deep models) or a Python loop
@@ -137,8 +137,8 @@ def data_config() -> ConfigDict:
     # strong teacher skips steps a small student cannot (demo_corpus.generate). 0 = all column.
     # The demo model imitates the mix and gets 0-12% of its shortcut answers right against
     # 65-96% of its column ones: a gap that rollout DPO and RL close by learning which of its
-    # own styles pays, but the final model did not reliably end above the all-column corpus's
-    # (README, "Giving DPO and RL room: the shortcut corpus"), so the demo keeps 0.
+    # own styles pays (README, "Giving DPO and RL room: the shortcut corpus"). The demo presets
+    # set 0.3 with "add" (`demo_data`); 0 here, for data built from this function alone.
     d.demo_shortcut_fraction = 0.0
     # "replace": those problems' column solutions are rewritten; "add": a shortcut copy is added
     # beside each (the teacher wrote both), so every column solution stays in the corpus.
@@ -159,6 +159,19 @@ def data_config() -> ConfigDict:
     # Generation budget per held-out problem (the demo's longest solution: 168 tokens).
     d.eval_max_new_tokens = 192
     return d
+
+
+def demo_data(c: ConfigDict) -> ConfigDict:
+    """The demo presets' data: the generated corpus (no download), with the hard tail (level 6
+    rare among the teacher's solutions, data_config) and a teacher that skips steps: for 30% of
+    the training problems it also writes the shortcut solution beside the column one ("add",
+    every column solution stays). Every stage generates the same corpus from the recipe's
+    seed; the held-out and RL's fresh problems keep the column style. The shortcut style is
+    the gap DPO and RL learn from (README, "demo recipe")."""
+    c.data.demo = True
+    c.data.demo_shortcut_fraction = 0.3
+    c.data.demo_shortcut_mode = "add"
+    return c
 
 
 def demo_model(c: ConfigDict) -> ConfigDict:

@@ -40,7 +40,8 @@ from ml_collections import ConfigDict
 
 from phimr_jax.model import sharding
 from phimr_jax.model.actor_critic import PARAM_LAYOUTS, abstract_for_layout
-from phimr_jax.model.config import ModelConfig, resolve_compute_dtype
+from phimr_jax.model.config import ModelConfig
+from phimr_jax.model.dtypes import resolve_compute_dtype
 from phimr_jax.model.phi3 import abstract_model
 from phimr_jax.train import checkpointing
 from phimr_jax.train.config_base import mesh_and_rules

@@ -47,7 +47,7 @@ def _check_export_generates_like_our_sampler(hf_dir, run_dir, torch):
                             eos_token_id=None, pad_token_id=hf_tok.pad_token_id)
     hf_new = out[0, len(ids):].tolist()
     model, _, _ = checkpointing.restore_model(run_dir)
-    # The demo trains with bfloat16 compute over float32 weights; transformers runs the exported
+    # The demo may train with bfloat16 compute over float32 weights; transformers runs the exported
     # float32 weights in float32, so ours does too for a like-for-like greedy comparison.
     model = with_model_config(model, dtype="float32")
     ours_new = generate(model, [ids], max_new_tokens=12, top_k=1, stop_tokens=[]).tokens[0]

@@ -132,6 +132,8 @@ def test_sft_oversampling_settings_reach_the_data(tmp_path):
     config.workdir = str(tmp_path)
     config.data.demo_train, config.data.demo_heldout = 200, 8
     tokenizer, _ = resolve_tokenizer(config, "")
+    assert (config.data.oversample_min_difficulty, config.data.oversample_repeats) == (6.0, 8)
+    config.data.oversample_repeats = 1  # Off (the demo preset repeats level 6 8 times).
     _, plain = sft.make_data(config, tokenizer)
     config.data.oversample_min_difficulty, config.data.oversample_repeats = 4.0, 3
     _, stats = sft.make_data(config, tokenizer)

@@ -10,6 +10,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from phimr_jax.model import config as mc
+from phimr_jax.model.dtypes import resolve_compute_dtype
 from phimr_jax.model.phi3 import init_model
 from phimr_jax.stages import midtrain
 from phimr_jax.train import checkpointing, losses
@@ -70,6 +71,28 @@ def test_bf16_compute_keeps_f32_master_weights():
         assert cos > 0.97, (name, cos)
 
 
+def test_auto_compute_dtype_follows_the_hardware(tmp_path):
+    """"auto": bfloat16 on accelerators and on CPUs whose flags show bfloat16 units, float32 on
+    other CPUs (where bfloat16 is emulated); explicit names pass through."""
+    avx2 = tmp_path / "avx2"
+    avx2.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    amx = tmp_path / "amx"
+    amx.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n")
+    avx512bf16 = tmp_path / "avx512bf16"
+    avx512bf16.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    missing = str(tmp_path / "none")
+    assert resolve_compute_dtype("auto", "cpu", str(avx2)) == "float32"
+    assert resolve_compute_dtype("auto", "cpu", str(amx)) == "bfloat16"
+    assert resolve_compute_dtype("auto", "cpu", str(avx512bf16)) == "bfloat16"
+    assert resolve_compute_dtype("auto", "cpu", missing) == "float32"
+    for backend in ("gpu", "tpu"):
+        assert resolve_compute_dtype("auto", backend, str(avx2)) == "bfloat16"
+    assert resolve_compute_dtype("bf16", "cpu", str(avx2)) == "bfloat16"
+    assert resolve_compute_dtype("float32", "tpu") == "float32"
+    with pytest.raises(mc.ConfigError):
+        resolve_compute_dtype("int8", "cpu")
+
+
 def test_midtrain_initialised_from_hf_dir(tmp_path, torch_cpu):
     """init.hf_dir: weights from safetensors, the HF tokenizer found beside them."""
     hf_dir = str(tmp_path / "hf")
@@ -87,8 +110,10 @@ def test_midtrain_initialised_from_hf_dir(tmp_path, torch_cpu):
     c.eval_every_steps = 3
     c.tensorboard = False
     c.mesh = {"data": 2, "fsdp": 2, "tensor": 2}
+    c.model.dtype = "auto"  # The demo presets' setting: resolved before the model is built.
     midtrain.run(c)
     model, info, step = checkpointing.restore_model(c.workdir)
+    assert model.config.dtype == resolve_compute_dtype("auto")
     assert step == 3 and info["tokenizer_dir"] == hf_dir and info["init"] == f"HF {hf_dir}"
     rows = read_metrics(c.workdir)
     assert rows[0]["data/num_kept"] + rows[0]["data/num_too_long"] == 100  # dropped, counted

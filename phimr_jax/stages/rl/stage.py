@@ -155,7 +155,7 @@ def _reference(config: ConfigDict):
     mesh, rules = mesh_and_rules(config)
     model, _, source = _init_model(config, mesh, rules)
     log.info("KL reference: %s", source)
-    from phimr_jax.model.config import resolve_compute_dtype
+    from phimr_jax.model.dtypes import resolve_compute_dtype
     return with_model_config(model, dtype=resolve_compute_dtype(config.model.dtype))
 
 
