@@ -105,7 +105,7 @@ def get_config(arg="demo"):
         # On the hard-tail corpus (level 6; README, "The hard tail"), 1e-5, seed 0: +1.8 +- 0.7,
         # level 6 27 -> 34% (its rollouts: 17% right at the first, 30-57% later). With the
         # step-skipping teacher (the preset since; float32): +5.0 +- 1.2 / +5.9 +- 1.0 /
-        # +2.5 +- 0.7 (seeds 0 / 1 / 2), the one-go answers 9 / 9 / 6% -> 0 (README, "demo").
+        # +2.5 +- 0.7 (seeds 0 / 1 / 2), the one-go answers 9 / 9 / 6% -> 0 (README, "demo recipe").
         c.optim.learning_rate = 1e-5
         c.log_every_steps = 4
         c.checkpoint_every_steps = 20
