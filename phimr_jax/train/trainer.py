@@ -265,8 +265,7 @@ def _log_memory_estimate(config, model_config, mesh, accum: int, layout: str) ->
     est = estimate(model_config, seq_len=int(config.data.seq_len),
                    batch_per_device=max(1, config.data.global_batch_size // accum // batch_devices),
                    devices=shape.get("fsdp", 1) * shape.get("tensor", 1),
-                   param_dtype=config.model.param_dtype,
-                   compute_dtype=resolve_compute_dtype(config.model.dtype),
+                   param_dtype=config.model.param_dtype, compute_dtype=model_config.dtype,
                    remat_policy=config.model.remat_policy,
                    chunk_size=int(config.get("loss", {}).get("chunk_size", 1024)),
                    grad_accum_steps=accum)
