@@ -29,22 +29,19 @@ def run(config: ConfigDict) -> str:
     questions = [source[i]["question"] for i in range(len(source))]
     out_path = config.output or os.path.join(config.workdir or ".", "completions.jsonl")
     with jax.set_mesh(mesh), axis_rules(rules):
-        results = sample_questions(model, tokenizer, questions, config)
+        res = sample_questions(model, tokenizer, questions, config)
     if jax.process_index() != 0:
         return out_path
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path, "w", encoding="utf-8") as f:
-        index = 0
-        for res in results:
-            for row, toks in enumerate(res.tokens):
-                q = index + row // config.num_samples
-                body = toks[:-1] if res.finish_reasons[row] == "stop" else toks
-                f.write(json.dumps({
-                    "index": q, "sample": row % config.num_samples, "question": questions[q],
-                    "completion": tokenizer.decode(body), "num_tokens": int(res.lengths[row]),
-                    "finish_reason": res.finish_reasons[row],
-                    "logprob": float(res.logprobs[row].sum())}) + "\n")
-            index += len(res.tokens) // config.num_samples
+        for row, toks in enumerate(res.tokens):  # prompt-major, in question order
+            q = row // config.num_samples
+            body = toks[:-1] if res.finish_reasons[row] == "stop" else toks
+            f.write(json.dumps({
+                "index": q, "sample": row % config.num_samples, "question": questions[q],
+                "completion": tokenizer.decode(body), "num_tokens": int(res.lengths[row]),
+                "finish_reason": res.finish_reasons[row],
+                "logprob": float(res.logprobs[row].sum())}) + "\n")
     log.info("wrote %d completions of %d prompts to %s", len(questions) * config.num_samples,
              len(questions), out_path)
     return out_path

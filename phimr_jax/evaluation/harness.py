@@ -114,14 +114,12 @@ def run(config: ConfigDict) -> dict:
                                     levels[:config.limit])
     model, tokenizer, mesh, rules = load_model_and_tokenizer(config)
     with jax.set_mesh(mesh), axis_rules(rules):
-        results = sample_questions(model, tokenizer, questions, config)
+        res = sample_questions(model, tokenizer, questions, config)
     k = config.num_samples
-    texts, lengths, reasons = [], [], []
-    for res in results:
-        for toks, reason in zip(res.tokens, res.finish_reasons):
-            texts.append(tokenizer.decode(toks[:-1] if reason == "stop" else toks))
-            lengths.append(len(toks))
-            reasons.append(reason)
+    texts = [tokenizer.decode(toks[:-1] if reason == "stop" else toks)
+             for toks, reason in zip(res.tokens, res.finish_reasons)]
+    lengths = [len(toks) for toks in res.tokens]
+    reasons = list(res.finish_reasons)
     gold_rows = [g for g in golds for _ in range(k)]
     with RewardPool(num_workers=config.grader_workers, timeout_s=config.grader_timeout_s) as pool:
         correct = pool.grade(texts, gold_rows, mode=mode)

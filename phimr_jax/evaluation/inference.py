@@ -7,6 +7,7 @@ import logging
 import os
 from typing import Optional, Sequence
 
+import numpy as np
 from ml_collections import ConfigDict
 
 from phimr_jax.data.tokenizers import load_tokenizer
@@ -59,22 +60,37 @@ def load_model_and_tokenizer(config: ConfigDict):
 
 
 def sample_questions(model, tokenizer, questions: Sequence[str], config: ConfigDict,
-                     seed: Optional[int] = None) -> list:
-    """Sample config.num_samples completions per question (chat format), in batches.
+                     seed: Optional[int] = None) -> GenerateResult:
+    """Sample config.num_samples completions per question (chat format), in batches of
+    config.batch_size questions.
 
-    Returns one GenerateResult per batch of questions, rows prompt-major within a batch.
+    Returns one GenerateResult, rows prompt-major in question order. The batches are formed in
+    order of prompt length: a batch runs until its longest completion, and longer problems
+    tend to have longer solutions, so similar prompts finish together (demo held-out set, 256
+    problems x 4: 676 -> 537 decoding steps, 15.6 -> 12.8 s) and carry less left padding.
     """
     system = config.system or None
     prompts = [tokenizer.prompt_ids(q, system, config.reasoning) for q in questions]
-    results: list[GenerateResult] = []
+    k = config.num_samples
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    rows: list = [None] * (len(prompts) * k)
     progress = Countdown("sampled prompts", len(prompts))
     for start in range(0, len(prompts), config.batch_size):
-        batch = prompts[start:start + config.batch_size]
-        results.append(generate(
-            model, batch, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-            top_p=config.top_p, top_k=config.top_k, num_samples=config.num_samples,
-            seed=(config.seed if seed is None else seed) + start, stop_tokens=tokenizer.stop_ids,
-            rope_mode=config.rope_mode, pad_id=tokenizer.pad_id,
-            vocab_limit=tokenizer.vocab_size))
+        batch = order[start:start + config.batch_size]
+        res = generate(
+            model, [prompts[i] for i in batch], max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
+            num_samples=k, seed=(config.seed if seed is None else seed) + start,
+            stop_tokens=tokenizer.stop_ids, rope_mode=config.rope_mode, pad_id=tokenizer.pad_id,
+            vocab_limit=tokenizer.vocab_size)
+        for j, question in enumerate(batch):
+            for s in range(k):
+                r = j * k + s
+                rows[question * k + s] = (res.tokens[r], res.logprobs[r],
+                                          res.sampling_logprobs[r], res.lengths[r],
+                                          res.finish_reasons[r])
         progress.update(min(start + config.batch_size, len(prompts)))
-    return results
+    tokens, logprobs, sampling_logprobs, lengths, reasons = (list(c) for c in zip(*rows)) \
+        if rows else ([], [], [], [], [])
+    return GenerateResult(tokens, logprobs, sampling_logprobs, np.asarray(lengths, np.int64),
+                          reasons)

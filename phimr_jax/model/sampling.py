@@ -84,29 +84,49 @@ def cache_dtype(config):
     return dtype
 
 
+# Top-p / top-k look at this many most likely tokens first (`lax.top_k`), and sort the whole
+# vocab only when they do not settle the cutoff. Measured (demo model after stage 1, 256
+# held-out completions at T 0.6 and 1.0): 16 candidates always held 0.95 of the mass, 8 did
+# not at 0.3-0.5% of positions. On 2 CPU cores a [256, 1024] sort took 37 ms, lax.top_k 32
+# 1.9 ms: the sort was 60% of a 256-row eval step (48.6 -> 19.5 ms at top_p 1).
+_TOP_CANDIDATES = 32
+
+
 def _filter_logits(logits, temperature, top_p, top_k, greedy):
     """Sampling logits: divided by temperature, then top-k and top-p applied (traced values;
     top_k <= 0 and top_p >= 1 disable them). Ties at a cutoff are all kept. `greedy`: the
     caller takes the argmax instead (see below)."""
     scaled = jnp.where(logits > _NEG, logits / jnp.maximum(temperature, 1e-6), _NEG)
     vocab = scaled.shape[-1]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+
+    def cutoff(sorted_x, probs):
+        """The smallest kept logit, from a descending prefix of the logits and their
+        probabilities: an entry is kept while the mass strictly above it is < top_p and it is
+        among the first k."""
+        before = jnp.cumsum(probs, axis=-1) - probs
+        keep = (before < top_p) & (jnp.arange(sorted_x.shape[-1]) < k)
+        return jnp.min(jnp.where(keep, sorted_x, jnp.inf), axis=-1, keepdims=True)
+
+    def whole_vocab(x):
+        sorted_x = jnp.sort(x, axis=-1)[..., ::-1]
+        return cutoff(sorted_x, jax.nn.softmax(sorted_x, axis=-1))
 
     def filtered(x):
-        sorted_x = jnp.sort(x, axis=-1)[..., ::-1]
-        k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-        kth = jnp.take_along_axis(sorted_x, jnp.broadcast_to(k - 1, x.shape[:-1])[..., None],
-                                  axis=-1)
-        probs = jax.nn.softmax(sorted_x, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each sorted entry
-        keep_sorted = (before < top_p) & (jnp.arange(vocab) < k)
-        cutoff = jnp.min(jnp.where(keep_sorted, sorted_x, jnp.inf), axis=-1, keepdims=True)
-        return jnp.where(x >= jnp.maximum(cutoff, kth), x, _NEG)
+        n = min(_TOP_CANDIDATES, vocab)
+        top, _ = jax.lax.top_k(x, n)
+        probs = jnp.exp(top - jax.nn.logsumexp(x, axis=-1, keepdims=True))
+        # The candidates settle a row's cutoff when they hold top_p of its mass (every entry
+        # after them has at least that much above it) or when top-k keeps no more than them.
+        settled = jnp.all((jnp.sum(probs, axis=-1) >= top_p) | (k <= n))
+        cut = jax.lax.cond(settled, lambda: cutoff(top, probs), lambda: whole_vocab(x))
+        return jnp.where(x >= cut, x, _NEG)
 
     # Greedy steps take the argmax and ignore these logits (`_pick`), so they skip the
-    # full-vocab sort: same tokens and log-probs, and on the bench model (vocab 2048, CPU)
+    # filter: same tokens and log-probs, and on the bench model (vocab 2048, CPU)
     # about 7 -> 4.5 ms per greedy step.
-    needs_sort = ((top_p < 1.0) | (top_k > 0)) & ~greedy
-    return jax.lax.cond(needs_sort, filtered, lambda x: x, scaled)
+    needs_filter = ((top_p < 1.0) | (top_k > 0)) & ~greedy
+    return jax.lax.cond(needs_filter, filtered, lambda x: x, scaled)
 
 
 def _pick(logits, key, temperature, top_p, top_k, vocab_limit):

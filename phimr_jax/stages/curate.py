@@ -279,12 +279,10 @@ def _teacher_rollouts(config: ConfigDict) -> tuple[str, dict]:
         for start in todo:
             recs = [src[i] for i in range(start, min(start + size, len(src)))]
             with jax.set_mesh(mesh), axis_rules(rules):
-                results = sample_questions(model, tokenizer, [r["problem"] for r in recs],
-                                           sampling, seed=config.seed + start)
-            texts = []
-            for res in results:  # rows are prompt-major
-                for toks, reason in zip(res.tokens, res.finish_reasons):
-                    texts.append(tokenizer.decode(toks[:-1] if reason == "stop" else toks))
+                res = sample_questions(model, tokenizer, [r["problem"] for r in recs],
+                                       sampling, seed=config.seed + start)
+            texts = [tokenizer.decode(toks[:-1] if reason == "stop" else toks)  # prompt-major
+                     for toks, reason in zip(res.tokens, res.finish_reasons)]
             records = [{**r, "rollout": texts[j * k:(j + 1) * k]} for j, r in enumerate(recs)]
             write_atomic(os.path.join(out_dir, f"{start // size:05d}.jsonl"),
                          lambda fh: fh.writelines(json.dumps(r, ensure_ascii=False) + "\n"

@@ -137,3 +137,36 @@ def test_greedy_eval_is_batch_size_invariant(tmp_path, monkeypatch):
     # changes this model's completions, so the check above could fail.
     assert _greedy_eval(c, 1, "fixed", monkeypatch)[2] != _greedy_eval(c, 64, "fixed",
                                                                         monkeypatch)[2]
+
+
+def test_sample_questions_batches_by_prompt_length_and_returns_question_order(monkeypatch):
+    """Batches are formed from prompts sorted by length (similar prompts finish together);
+    the rows come back prompt-major in question order, each with its own prompt's samples."""
+    from ml_collections import ConfigDict
+
+    from phimr_jax.evaluation import inference
+    from phimr_jax.model.sampling import GenerateResult
+
+    class Tokenizer:
+        stop_ids, pad_id, vocab_size = [2], 0, 100
+
+        def prompt_ids(self, question, system, reasoning):
+            return [5] * len(question)
+
+    calls = []
+
+    def fake_generate(model, prompts, *, num_samples, **kw):
+        calls.append([len(p) for p in prompts])
+        rows = [[len(p), s] for p in prompts for s in range(num_samples)]
+        return GenerateResult(rows, [np.zeros(2)] * len(rows), [np.ones(2)] * len(rows),
+                              np.full(len(rows), 2), ["length"] * len(rows))
+
+    monkeypatch.setattr(inference, "generate", fake_generate)
+    questions = ["x" * n for n in (9, 3, 7, 1, 8, 2, 6)]
+    config = ConfigDict(dict(system="", reasoning=True, num_samples=2, batch_size=3,
+                             max_new_tokens=4, temperature=0.6, top_p=0.95, top_k=0, seed=0,
+                             rope_mode="hf"))
+    res = inference.sample_questions(None, Tokenizer(), questions, config)
+    assert calls == [[1, 2, 3], [6, 7, 8], [9]]
+    assert res.tokens == [[len(q), s] for q in questions for s in range(2)]
+    assert len(res.logprobs) == len(res.finish_reasons) == 14 and res.lengths.tolist() == [2] * 14

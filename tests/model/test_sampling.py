@@ -172,6 +172,53 @@ def test_top_k_and_top_p_mass(small_vocab):
     _check(freq, np.where(keep, p, 0) / p[keep].sum(), n)
 
 
+def _nucleus_reference(logits, temperature, top_p, top_k):
+    """The definition, in float64 numpy: sort descending, keep an entry while the mass strictly
+    above it is < top_p and it is among the first top_k; ties with the last kept value stay."""
+    x = logits.astype(np.float64) / temperature
+    out = np.full(x.shape, sampling._NEG, np.float32)
+    for r, row in enumerate(x):
+        order = np.argsort(-row, kind="stable")
+        p = np.exp(row - row.max())
+        p = p[order] / p.sum()
+        before = np.cumsum(p) - p
+        keep = (before < top_p) & (np.arange(len(row)) < (top_k if top_k > 0 else len(row)))
+        cut = row[order][keep].min()
+        out[r] = np.where(row >= cut, logits[r] / np.float32(temperature), sampling._NEG)
+    return out
+
+
+@pytest.mark.parametrize("vocab", [16, 1024])
+def test_nucleus_filter_candidates_and_whole_vocab_agree_with_the_definition(vocab):
+    """The filter looks at the 32 most likely tokens first and sorts the whole vocab only when
+    they hold less than top_p of a row's mass: peaked rows (the candidates settle it), flat rows
+    (the whole-vocab sort), ties, top-k above and below the candidate count, a batch mixing
+    both kinds of row. Every case must keep exactly the definition's tokens."""
+    rng = np.random.default_rng(vocab)
+    filt = jax.jit(sampling._filter_logits)
+    peaked = rng.standard_normal((8, vocab)).astype(np.float32) * 6
+    flat = rng.standard_normal((8, vocab)).astype(np.float32) * 0.3
+    ties = np.round(rng.standard_normal((8, vocab)) * 2).astype(np.float32)
+    mixed = np.concatenate([peaked[:4], flat[:4]])
+    n_sorted = 0
+    for rows in (peaked, flat, ties, mixed):
+        for temperature, top_p, top_k in ((0.6, 0.95, 0), (1.0, 0.5, 0), (1.0, 1.0, 5),
+                                          (0.8, 0.9, 40), (1.0, 0.99, 0)):
+            got = np.asarray(filt(rows, np.float32(temperature), np.float32(top_p),
+                                  np.int32(top_k), np.bool_(False)))
+            want = _nucleus_reference(rows, temperature, top_p, top_k)
+            np.testing.assert_array_equal(got > sampling._NEG, want > sampling._NEG)
+            np.testing.assert_allclose(got[got > sampling._NEG], want[want > sampling._NEG],
+                                       rtol=1e-6)
+            x = rows.astype(np.float64) / temperature
+            p = np.exp(x - x.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            top = -np.sort(-p, -1)[:, :32].sum(-1)
+            n_sorted += bool(np.any((top < top_p) & ((top_k <= 0) | (top_k > 32))))
+    # Both paths ran: with 1024 tokens the flat rows need the whole-vocab sort.
+    assert (n_sorted > 0) == (vocab > 32)
+
+
 def test_sampling_parameters_never_recompile(small_vocab):
     generate(small_vocab, [[1, 2]], max_new_tokens=8, temperature=1.0, seed=0)
     before = sampling._sample._cache_size()
