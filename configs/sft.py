@@ -34,6 +34,9 @@ def get_config(arg="demo"):
         # used 256.
         c.data.seq_len = 256
         c.data.global_batch_size = 16
+        # The 16 examples of a step share rows (each attending only to itself): the same
+        # training as 16 padded rows on 8 or 12 rows (stages/sft.py; README, "demo recipe").
+        c.data.padding_free = True
         c.total_steps = 300  # 4800 of the 30000 demo problems (the model has seen each once).
         c.optim.learning_rate = 2e-4  # 5x below stage 1's 1e-3 (the model is already trained).
         c.optim.warmup_fraction = 0.1

@@ -13,7 +13,9 @@ tokens") and stage 2 use the same mask.
 - `midtrain_dataset` (stage 1): examples are packed into rows with grain's
   `FirstFitPackIterDataset` (no example is split across rows; the rest of a row is padding).
 - `sft_dataset` (stage 2): one example per row, right-padded, optionally restricted to a harder
-  subset (`min_difficulty`, `domains`), so the model sees where each answer stops.
+  subset (`min_difficulty`, `domains`), so the model sees where each answer stops; or
+  padding-free (`PackBatch`): the same examples per batch sharing rows, each attending only to
+  itself.
 
 Order of operations: shard the source's record indices (record i goes to process
 i % shard_count; shards are disjoint and cover everything) -> pre-pass -> shuffle (grain's index
@@ -124,6 +126,48 @@ class PadRow:
         row["positions"][:n] = np.arange(n, dtype=np.int32)
         row["segment_ids"][:n] = 1
         return row
+
+
+class PackBatch:
+    """grain batch_fn, padding-free SFT: a batch of examples -> rows of seq_len holding each
+    example whole (first-fit decreasing), with segment ids 1, 2, ... per row and positions
+    restarting at 0 in every example, so that no token attends across examples and each one
+    is seen exactly as in its own padded row. The same examples per step, the same
+    token-weighted loss, less padding. The row count is rounded up to a multiple of
+    `row_multiple` (a handful of shapes to compile; the batch splits over devices and
+    gradient-accumulation microbatches)."""
+
+    def __init__(self, seq_len: int, pad_id: int, row_multiple: int = 1):
+        if row_multiple < 1:
+            raise ValueError(f"row_multiple must be >= 1, got {row_multiple}")
+        self.seq_len, self.pad_id, self.row_multiple = seq_len, pad_id, row_multiple
+
+    def __call__(self, examples: Sequence[dict]) -> dict[str, np.ndarray]:
+        t = self.seq_len
+        lengths = [len(ex["inputs"]) for ex in examples]
+        used: list[int] = []  # tokens in each row so far
+        place = []  # (example, row, offset)
+        for i in sorted(range(len(examples)), key=lambda i: -lengths[i]):
+            row = next((r for r, n in enumerate(used) if n + lengths[i] <= t), len(used))
+            if row == len(used):
+                used.append(0)
+            place.append((i, row, used[row]))
+            used[row] += lengths[i]
+        rows = -(-len(used) // self.row_multiple) * self.row_multiple
+        out = {"inputs": np.full((rows, t), self.pad_id, np.int32),
+               "targets": np.full((rows, t), self.pad_id, np.int32),
+               "loss_mask": np.zeros((rows, t), np.float32),
+               "positions": np.zeros((rows, t), np.int32),
+               "segment_ids": np.zeros((rows, t), np.int32)}
+        segments = [0] * len(used)
+        for i, row, start in sorted(place, key=lambda p: (p[1], p[2])):
+            n, span = lengths[i], slice(start, start + lengths[i])
+            for key in SEQUENCE_KEYS:
+                out[key][row, span] = examples[i][key]
+            out["positions"][row, span] = np.arange(n, dtype=np.int32)
+            segments[row] += 1
+            out["segment_ids"][row, span] = segments[row]
+        return out
 
 
 def _rename_packed(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -301,8 +345,11 @@ def sft_dataset(source, tokenizer: ChatTokenizer, *, seq_len: int, batch_size: i
                 shuffle: bool = True, min_difficulty: Optional[float] = None,
                 domains: Optional[Sequence[str]] = None, read_threads: int = 4,
                 oversample: Optional[tuple[float, int]] = None,
+                padding_free: bool = False, row_multiple: int = 1,
                 ) -> tuple[grain.IterDataset, DataStats]:
     """Stage-2 batches: one example per row, right-padded; the harder subset if asked.
+    `padding_free`: the batch's examples share rows instead (`PackBatch`, a multiple of
+    `row_multiple` rows), each still whole and attending only to itself.
 
     `min_difficulty` keeps records whose numeric difficulty (see `difficulty_value`) is >= it;
     `domains` keeps records whose domain is one of them; records lacking the field are
@@ -316,6 +363,10 @@ def sft_dataset(source, tokenizer: ChatTokenizer, *, seq_len: int, batch_size: i
                           shard_count=shard_count, keep=_make_filter(min_difficulty, domains),
                           copies=None if oversample is None else _make_copies(*oversample))
     ds = _examples(kept, source, tokenizer, seed=seed, num_epochs=num_epochs, shuffle=shuffle)
+    if padding_free:
+        ds = ds.to_iter_dataset(_read_options(batch_size, read_threads))
+        return ds.batch(batch_size, drop_remainder=True,
+                        batch_fn=PackBatch(seq_len, tokenizer.pad_id, row_multiple)), stats
     ds = ds.map(PadRow(seq_len, tokenizer.pad_id))
     ds = ds.to_iter_dataset(_read_options(batch_size, read_threads))
     return ds.batch(batch_size, drop_remainder=True), stats

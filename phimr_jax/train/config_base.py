@@ -114,6 +114,11 @@ def data_config() -> ConfigDict:
     # times per epoch (1 = off): the harder subset weighs more and the rest stays.
     d.oversample_min_difficulty = -1.0
     d.oversample_repeats = 1
+    # SFT: a step's global_batch_size examples share rows (each whole, attending only to
+    # itself, positions from 0) instead of one padded row each: the same training with less
+    # padding; rows vary by step (a few shapes to compile). One process only (every host
+    # would need the same row count); the attention must take segment ids (not cudnn).
+    d.padding_free = False
     d.tokenizer = ConfigDict()
     d.tokenizer.kind = "hf"  # hf (tokenizer.json directory) | sentencepiece (.model file).
     d.tokenizer.path = ""  # "" = the tokenizer of the init checkpoint / HF dir, or the demo's.

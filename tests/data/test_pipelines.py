@@ -107,6 +107,43 @@ def test_packing_layout_and_every_example_once(kind, source):
                                         for _, ex in examples.values())
 
 
+@pytest.mark.parametrize("row_multiple", [1, 4])
+def test_padding_free_sft_batches_hold_the_same_examples_whole(tok, source, row_multiple):
+    """Padding-free SFT: each batch holds exactly the examples of the padded batch at the same
+    step (same order of batches), each whole in one row with positions from 0 and its own
+    segment id; fewer rows, a multiple of row_multiple."""
+    def build(**kw):
+        return sft_dataset(source, tok, seq_len=FITS, batch_size=8, seed=3, num_epochs=1,
+                           **kw)[0]
+    padded = _batches(build())
+    packed = _batches(build(padding_free=True, row_multiple=row_multiple))
+    assert len(packed) == len(padded) > 3
+    rows = 0
+    for want, got in zip(padded, packed):
+        assert set(got) == set(KEYS) and all(got[k].dtype == DTYPES[k] for k in KEYS)
+        n = got["inputs"].shape[0]
+        assert got["inputs"].shape == (n, FITS) and n % row_multiple == 0 and n <= 8
+        rows += n
+        examples = collections.Counter()
+        for r in range(n):
+            row = {k: v[r] for k, v in got.items()}
+            for s, e in _segments(row):
+                np.testing.assert_array_equal(row["positions"][s:e], np.arange(e - s))
+                examples[(_key(row["inputs"][s:e]), _key(row["targets"][s:e]),
+                          row["loss_mask"][s:e].tobytes())] += 1
+            end = int(np.count_nonzero(row["segment_ids"]))
+            assert np.all(row["loss_mask"][end:] == 0) and np.all(row["inputs"][end:] == tok.pad_id)
+        expected = collections.Counter()
+        for r in range(8):
+            e = int(want["segment_ids"][r].sum())
+            expected[(_key(want["inputs"][r, :e]), _key(want["targets"][r, :e]),
+                      want["loss_mask"][r, :e].tobytes())] += 1
+        assert examples == expected
+    # Rows really are shared (these test records run to 273 tokens in 320-token rows, so a
+    # multiple of 4 often rounds back up to 8).
+    assert rows < (0.75 if row_multiple == 1 else 1.0) * 8 * len(packed)
+
+
 def _length_records(tmp_path, tok, seq_len):
     """Records whose example lengths (len(ids) - 1) straddle seq_len, incl. an exact fit."""
     base = {"problem": "What is 1 + 1?", "answer": "2", "domain": "arithmetic"}
@@ -202,7 +239,8 @@ def test_sft_oversampling_repeats_the_hard_examples_in_every_epoch(tok, tmp_path
 @pytest.mark.parametrize("builder,k,kwargs", [
     (midtrain_dataset, 44, {}),
     (midtrain_dataset, 43, {"num_packing_bins": 3}),  # saved in the middle of a packed group
-    (sft_dataset, 58, {})])
+    (sft_dataset, 58, {}),
+    (sft_dataset, 58, {"padding_free": True, "row_multiple": 2})])
 def test_checkpoint_restore_is_bit_exact(builder, k, kwargs, tok, source):
     """Advance k batches (close to the end of the first epoch: about 47 packed / 60 SFT
     batches per epoch), save, take 6 more across the epoch boundary; a rebuilt pipeline
@@ -213,7 +251,7 @@ def test_checkpoint_restore_is_bit_exact(builder, k, kwargs, tok, source):
     it = iter(build())
     for _ in range(k):
         next(it)
-    while kwargs and it.get_state()["next_row"] == 0:  # stop inside a packed group
+    while "num_packing_bins" in kwargs and it.get_state()["next_row"] == 0:  # inside a group
         next(it)
     state = json.loads(json.dumps(it.get_state()))  # what a JSON checkpoint would store
     expected = [next(it) for _ in range(6)]

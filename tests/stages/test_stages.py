@@ -1,5 +1,6 @@
 """Stages 1 and 2 through the CLI, as a user runs them: kill/resume, SIGTERM, masking, demo."""
 
+import itertools
 import os
 import signal
 import subprocess
@@ -110,6 +111,7 @@ def test_sft_batches_mask_prompt_and_train_end(tmp_path):
     config.data.demo_train = 200
     config.data.demo_heldout = 8
     config.data.min_difficulty = 2.0  # the harder-subset filter (the demo preset trains on all)
+    config.data.padding_free = False  # one example per row (the demo preset shares rows)
     tokenizer, _ = resolve_tokenizer(config, "")
     dataset, stats = sft.make_data(config, tokenizer)
     assert stats["num_filtered"] > 0 and stats["num_kept"] > 0  # the harder subset only
@@ -123,6 +125,52 @@ def test_sft_batches_mask_prompt_and_train_end(tmp_path):
         last = int(np.flatnonzero(mask)[-1])
         assert targets[last] == tokenizer.end_id  # the final <|end|> carries loss
         assert mask[assistant:last + 1].all() and not mask[~real].any()
+
+
+@pytest.mark.parametrize("impl", ["blockwise", "xla"])
+def test_padding_free_sft_step_is_the_padded_step(tmp_path, impl):
+    """data.padding_free (the demo preset): the same 16 examples in shared rows give the padded
+    batch's loss sum, trained-token count and gradient (each example attends only to itself,
+    positions from 0), on fewer rows, a multiple of the batch's 8-device split here."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from phimr_jax.model import config as mc
+    from phimr_jax.model.phi3 import init_model
+    from phimr_jax.train import losses
+
+    config = load("sft", "demo")
+    config.workdir = str(tmp_path)
+    config.data.demo_train, config.data.demo_heldout = 200, 8
+    assert config.data.padding_free
+    tokenizer, _ = resolve_tokenizer(config, "")
+    assert sft._row_multiple(config) == 8  # conftest: 8 fake devices, the batch over all
+    packed = list(itertools.islice(iter(sft.make_data(config, tokenizer)[0]), 8))
+    config.data.padding_free = False
+    padded = list(itertools.islice(iter(sft.make_data(config, tokenizer)[0]), 8))
+    rows = [b["inputs"].shape for b in packed]
+    assert set(rows) <= {(8, 256), (16, 256)} and (8, 256) in rows, rows
+    step = rows.index((8, 256))  # the same step, padded and padding-free
+    packed, padded = packed[step], padded[step]
+    assert padded["inputs"].shape == (16, 256) and packed["segment_ids"].max() > 1
+    model = init_model(mc.demo(attention_impl=impl, attention_block_size=64), seed=0)
+
+    def loss_and_grad(batch):
+        batch = {k: jnp.asarray(v) for k, v in batch.items()}
+        total, weight, _ = losses.cross_entropy(model, batch)
+        grads = nnx.grad(lambda m: losses.cross_entropy(m, batch)[0])(model)
+        return total, weight, jax.tree.leaves(nnx.state(grads))
+
+    total_a, weight_a, grads_a = loss_and_grad(padded)
+    total_b, weight_b, grads_b = loss_and_grad(packed)
+    assert float(weight_a) == float(weight_b) > 0
+    np.testing.assert_allclose(float(total_b), float(total_a), rtol=1e-5)
+    # float32 sums over the same tokens in another order: errors scale with each leaf's
+    # magnitude, not with an entry's (a near-cancelling entry of 1e-3 moved by 2e-6).
+    for a, b in zip(grads_a, grads_b):
+        a, b = np.asarray(a), np.asarray(b)
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
 
 
 def test_sft_oversampling_settings_reach_the_data(tmp_path):
@@ -163,3 +211,14 @@ def test_midtrain_then_sft_demo(tmp_path):
     assert read_metrics(s2)[0]["data/num_filtered"] > 0
     # SFT starts where stage 1 ended: its first loss is far below a fresh model's.
     assert read_metrics(s2)[1]["loss"] < read_metrics(s1)[1]["loss"]
+
+
+def test_padding_free_sft_refuses_several_processes(tmp_path, monkeypatch):
+    """Each host would pack its examples into its own number of rows; the global batch needs
+    one shape on every host, so a multi-host run stops with the reason."""
+    config = load("sft", "demo")
+    monkeypatch.setattr(sft.jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError, match="padding_free"):
+        sft._row_multiple(config)
+    config.data.padding_free = False
+    assert sft._row_multiple(config) == 1
