@@ -49,7 +49,10 @@ def get_config(arg="demo"):
     c.dpo.own_pairs.temperature = 1.0  # sampling temperature of those completions
     c.dpo.own_pairs.max_new_tokens = 192  # completion budget (the longest solution: 168 tokens)
     c.dpo.own_pairs.max_problems = 4096  # problems tried, at most, for data.max_pairs
-    c.dpo.own_pairs.prompts_per_call = 128  # problems per sampler call (x samples rows)
+    # Problems per sampler call (x samples rows). A call runs until its longest completion, so
+    # calls of 256 rows waste fewer steps on stragglers (2 CPU cores, 1024 demo held-out rows:
+    # 15.6 s in calls of 256 rows, 23.1 s in calls of 1024 even with prompts sorted by length).
+    c.dpo.own_pairs.prompts_per_call = 64
     c.optim.warmup_fraction = 0.1
     c.optim.decay = "linear"
     if arg == "demo":

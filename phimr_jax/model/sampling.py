@@ -146,14 +146,23 @@ def _pick(logits, key, temperature, top_p, top_k, vocab_limit):
 
     def sample_pick(allowed):
         samp_logits = _filter_logits(allowed, temperature, top_p, top_k, greedy)
-        # jax.random.categorical's Gumbel-max, with its argmax as `_argmax` (same tokens):
-        # its paired reduce over [512, 1024] took ~5 ms of a ~57 ms RL rollout step.
-        noise = jax.random.gumbel(key, samp_logits.shape, samp_logits.dtype)
-        token = _argmax(noise + samp_logits)
+        token = _inverse_cdf_draw(key, samp_logits)
         return token, _logprob_at(samp_logits, token)
 
     token, samp_lp = jax.lax.cond(greedy, greedy_pick, sample_pick, allowed)
     return token, _logprob_at(logits, token), samp_lp
+
+
+def _inverse_cdf_draw(key, logits):
+    """One token per row from softmax(logits): the first index whose cumulative probability
+    exceeds a uniform draw in [0, total). One random number per row instead of
+    jax.random.categorical's Gumbel noise for every vocab entry: at [512, 1024] on 2 CPU cores
+    2.0 ms against 8.5 ms per step (the noise's threefry bits), 13% of an RL rollout step.
+    Entries at _NEG have probability 0 and never come first past the draw."""
+    cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)
+    u = jax.random.uniform(key, (logits.shape[0], 1), jnp.float32) * cdf[:, -1:]
+    token = jnp.sum(cdf <= u, axis=-1, dtype=jnp.int32)
+    return jnp.minimum(token, logits.shape[-1] - 1)
 
 
 def _logprob_at(logits, token):

@@ -274,18 +274,30 @@ def test_kv_cache_is_sharded_by_the_rules():
     assert cache.k.addressable_shards[0].data.shape == (2, 2, 16, 1, 16)
 
 
-def test_pick_draws_what_categorical_draws():
-    """_pick's Gumbel-max with the two-reduction argmax draws jax.random.categorical's tokens
-    for the same key (ties included: the first maximum)."""
+def test_pick_draws_from_the_sampling_distribution():
+    """_pick's inverse-CDF draw (one uniform per row): over 40000 rows of the same logits the
+    token frequencies are softmax(logits / T) within 5 standard errors, tokens at or above
+    vocab_limit and tokens top-k removed are never drawn, and the returned sampling
+    log-prob is that of the drawn token."""
     import jax.numpy as jnp
-    logits = jax.random.normal(jax.random.key(0), (64, 50)) * 3
-    logits = logits.at[:, 7].set(logits[:, 3])  # exact ties
-    for t, seed in ((1.0, 1), (0.6, 2)):
-        key = jax.random.key(seed)
-        tok, _, _ = sampling._pick(logits, key, jnp.float32(t), jnp.float32(1.0), jnp.int32(0),
-                                   jnp.int32(50))
-        want = jax.random.categorical(key, logits / t, axis=-1)
-        np.testing.assert_array_equal(np.asarray(tok), np.asarray(want))
+    row = jax.random.normal(jax.random.key(0), (50,)) * 1.5
+    row = row.at[7].set(row[3])  # exact ties
+    logits = jnp.broadcast_to(row, (40000, 50))
+    for t, top_k, limit, seed in ((1.0, 0, 50, 1), (0.6, 0, 40, 2), (1.0, 10, 50, 3)):
+        tok, _, samp_lp = sampling._pick(logits, jax.random.key(seed), jnp.float32(t),
+                                         jnp.float32(1.0), jnp.int32(top_k), jnp.int32(limit))
+        x = np.asarray(row, np.float64) / t
+        x[limit:] = -np.inf
+        if top_k:
+            x[np.argsort(-x)[top_k:]] = -np.inf
+        p = np.exp(x - x.max())
+        p /= p.sum()
+        tok = np.asarray(tok)
+        freq = np.bincount(tok, minlength=50) / len(tok)
+        assert freq[p == 0].sum() == 0
+        se = np.sqrt(p * (1 - p) / len(tok)) + 1e-12
+        assert np.all(np.abs(freq - p) <= 5 * se + 1e-4), np.abs(freq - p).max()
+        np.testing.assert_allclose(np.asarray(samp_lp), np.log(p[tok]), atol=1e-4)
 
 
 def test_cpu_bf16_model_samples_the_same_with_a_float32_cache(monkeypatch):
