@@ -93,13 +93,17 @@ def bench_sampler(config: ConfigDict) -> dict:
     hf.generation_config.pad_token_id = 0
     ids = torch.tensor(prompts)
 
+    temperature, top_p = float(b.get("temperature", 0.0)), float(b.get("top_p", 1.0))
+    sampled = dict(temperature=temperature, top_p=top_p) if temperature > 0 else dict(top_k=1)
+
     def ours():
-        generate(model, prompts, max_new_tokens=b.new_tokens, top_k=1, stop_tokens=[])
+        generate(model, prompts, max_new_tokens=b.new_tokens, stop_tokens=[], **sampled)
 
     def theirs():
         with torch.no_grad():
             hf.generate(ids, max_new_tokens=b.new_tokens, min_new_tokens=b.new_tokens,
-                        do_sample=False)
+                        **(dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+                           if temperature > 0 else dict(do_sample=False)))
 
     start = time.perf_counter()
     ours()
@@ -109,7 +113,7 @@ def bench_sampler(config: ConfigDict) -> dict:
     out = {"bench": "sampler", "device": jax.devices()[0].device_kind,
            "model": b.model_preset, "params": param_count(cfg),
            "batch": b.batch_size, "prompt_len": b.prompt_len, "new_tokens": b.new_tokens,
-           "dtype": model.config.dtype}
+           "dtype": model.config.dtype, "temperature": temperature, "top_p": top_p}
     t_hf = _hf_best(theirs, _threads(b.hf_threads), b.repeats, out, tokens)
     out.update({"ours_tokens_per_s": tokens / t_ours, "hf_tokens_per_s": tokens / t_hf,
                 "ratio": t_hf / t_ours, "ours_first_call_s": compile_s,

@@ -48,6 +48,30 @@ def test_train_step_bench(tmp_path, impl):
     assert 0.5 < out["estimated_memory_mib"] / out["peak_memory_mib"] < 2
 
 
+def test_sampler_bench_nucleus_sampling_on_both_sides(tmp_path, torch_cpu, monkeypatch):
+    """--config.sampler.temperature / top_p: both samplers draw with them (HF with
+    do_sample, its own top-k off); the default stays greedy on both."""
+    import transformers
+
+    seen = []
+    original = transformers.GenerationMixin.generate
+
+    def spy(self, *args, **kwargs):
+        seen.append({k: kwargs.get(k) for k in ("do_sample", "temperature", "top_p", "top_k")})
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.GenerationMixin, "generate", spy)
+    c = _config("sampler", tmp_path)
+    c.sampler.update(temperature=0.6, top_p=0.95, hf_threads="1")
+    out = bench.run(c)
+    assert out["temperature"] == 0.6 and out["top_p"] == 0.95 and out["ratio"] > 0
+    assert seen and all(k == {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 0}
+                        for k in seen)
+    seen.clear()
+    out = bench.run(_config("sampler", tmp_path))
+    assert out["temperature"] == 0.0 and seen and all(k["do_sample"] is False for k in seen)
+
+
 def test_all_writes_every_result(tmp_path, torch_cpu):
     out = bench.run(_config("all", tmp_path))
     assert set(out) == {"sampler", "forward", "train_step"}
