@@ -41,6 +41,7 @@ def token_logprobs(model, batch: dict, chunk_size: int = 1024, *, long_rope=None
         1.0 / jnp.where(temperature > 0, temperature, 1.0).astype(jnp.float32)[:, None, None]
     targets = targets.reshape(b, n, chunk).swapaxes(0, 1)
 
+    @jax.checkpoint
     def one_chunk(args):
         h, tgt = args
         logits = model.logits(h)  # [b, chunk, vocab] float32
@@ -57,15 +58,7 @@ def token_logprobs(model, batch: dict, chunk_size: int = 1024, *, long_rope=None
             out += (jax.lax.stop_gradient(lse) - jnp.sum(probs * fixed, axis=-1),)
         return out
 
-    if n == 1:
-        # One chunk (rows no longer than chunk_size): its logits stay for the backward, as
-        # they would without chunking; rematerialising them re-ran the LM head and the
-        # log-softmax (demo train step: 4 matmuls of [4096, 192] x [192, 1024] instead of 3).
-        outs = tuple(x[None] for x in one_chunk((hidden[0], targets[0])))
-    else:
-        # Several: each chunk's logits are recomputed in the backward, so at most one
-        # [batch, chunk, vocab] block is alive at a time.
-        outs = jax.lax.map(jax.checkpoint(one_chunk), (hidden, targets))
+    outs = jax.lax.map(one_chunk, (hidden, targets))
     return tuple(x.swapaxes(0, 1).reshape(b, n * chunk)[:, :t] for x in outs)
 
 
