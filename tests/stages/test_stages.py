@@ -111,7 +111,7 @@ def test_sft_batches_mask_prompt_and_train_end(tmp_path):
     config.data.demo_train = 200
     config.data.demo_heldout = 8
     config.data.min_difficulty = 2.0  # the harder-subset filter (the demo preset trains on all)
-    config.data.padding_free = False  # one example per row (the demo preset shares rows)
+    config.data.padding_free = False  # one example per row (the demo preset's setting)
     tokenizer, _ = resolve_tokenizer(config, "")
     dataset, stats = sft.make_data(config, tokenizer)
     assert stats["num_filtered"] > 0 and stats["num_kept"] > 0  # the harder subset only
@@ -129,7 +129,7 @@ def test_sft_batches_mask_prompt_and_train_end(tmp_path):
 
 @pytest.mark.parametrize("impl", ["blockwise", "xla"])
 def test_padding_free_sft_step_is_the_padded_step(tmp_path, impl):
-    """data.padding_free (the demo preset): the same 16 examples in shared rows give the padded
+    """data.padding_free: the same 16 examples in shared rows give the padded
     batch's loss sum, trained-token count and gradient (each example attends only to itself,
     positions from 0), on fewer rows, a multiple of the batch's 8-device split here."""
     import jax
@@ -143,7 +143,7 @@ def test_padding_free_sft_step_is_the_padded_step(tmp_path, impl):
     config = load("sft", "demo")
     config.workdir = str(tmp_path)
     config.data.demo_train, config.data.demo_heldout = 200, 8
-    assert config.data.padding_free
+    config.data.padding_free = True
     tokenizer, _ = resolve_tokenizer(config, "")
     assert sft._row_multiple(config) == 8  # conftest: 8 fake devices, the batch over all
     packed = list(itertools.islice(iter(sft.make_data(config, tokenizer)[0]), 8))
