@@ -217,6 +217,7 @@ def test_padding_free_sft_refuses_several_processes(tmp_path, monkeypatch):
     """Each host would pack its examples into its own number of rows; the global batch needs
     one shape on every host, so a multi-host run stops with the reason."""
     config = load("sft", "demo")
+    config.data.padding_free = True
     monkeypatch.setattr(sft.jax, "process_count", lambda: 2)
     with pytest.raises(ValueError, match="padding_free"):
         sft._row_multiple(config)
