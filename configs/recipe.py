@@ -44,6 +44,14 @@ def get_config(arg="demo"):
     # Where stage 1 starts: "" = its own config (demo: a fresh demo model; phi4_mini: set
     # --config.stages.midtrain.init.hf_dir=PHI4_MINI_DIR).
     c.stages = ConfigDict({name: _stage_config(name, preset) for name in ORDER})
+    if preset == "demo":
+        # No evaluations inside the stages: the recipe scores every stage on the held-out
+        # problems itself (the stages' greedy 64-problem checks, DPO's held-out pair scoring
+        # and preference metrics took ~30 s of the demo's 10 minutes). The standalone stage
+        # presets keep theirs; --config.stages.dpo.eval_every_steps=40 brings DPO's back.
+        for name in ORDER:
+            c.stages[name].eval_every_steps = 0
+            c.stages[name].eval_at_start = False
     c.eval = _stage_config("eval", "demo" if preset == "demo" else "math500")
     c.eval.dataset = ""  # Held-out problems; "" = the demo corpus' held-out file (demo).
     c.eval.name = "heldout"
@@ -53,6 +61,10 @@ def get_config(arg="demo"):
     # demo's start is a random init, which scores 0.0 and takes ~20 s of the demo's 10 minutes
     # to say so (it never stops, so every sample runs to max_new_tokens): off.
     c.eval_start_row = preset != "demo"
+    # Each stage's held-out evaluation runs in a worker thread while the next stage trains (one
+    # process only; the rows and their numbers are the same). Off for phi4_mini: on an
+    # accelerator the evaluation's KV cache would share memory with the next stage's training.
+    c.eval_in_background = preset == "demo"
     c.export_dir = "hf_model"  # The last stage exported here for transformers ("" = skip).
     # W&B for every stage (one run per stage, grouped by the recipe's directory name).
     c.wandb = wandb_config()

@@ -31,6 +31,9 @@ def get_config(arg="demo"):
     # accuracy can pass the 50% filter with a few correct answers.
     c.rl.group_size = 8
     c.rl.max_new_tokens = 128  # Completion budget (a truncated completion gets reward -1).
+    # Prompts per sampler call (x group_size rows; 0 = the whole rollout batch in one call). A
+    # call runs until its longest completion: calls formed by prompt length waste fewer steps.
+    c.rl.prompts_per_call = 0
     c.rl.truncated_is_wrong = True  # A completion cut at max_new_tokens gets -1 (else graded).
     c.rl.top_p = 1.0  # Nucleus sampling for rollouts (1.0: sample the policy itself).
     # Prompts with difficulty in [data.min_difficulty, rl.max_difficulty] (-1 = no bound).
@@ -86,6 +89,7 @@ def get_config(arg="demo"):
         c.rl.max_difficulty = -1.0
         c.rl.max_accuracy = 1.0  # Every group with a wrong answer teaches (the paper drops > 0.5).
         c.rl.prompts_per_rollout = 64  # 512 completions per rollout; 30-230 kept (mixed groups).
+        c.rl.prompts_per_call = 32  # 256 rows per sampler call, as DPO's own rollouts.
         c.data.seq_len = 256  # Prompts <= 53 tokens + 192; the longest solution is 168 tokens.
         c.rl.max_new_tokens = 192
         c.data.global_batch_size = 64

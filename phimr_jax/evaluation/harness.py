@@ -144,8 +144,12 @@ def run(config: ConfigDict) -> dict:
     if jax.process_index() == 0:
         out_dir = os.path.join(config.workdir, "eval")
         os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        # Written whole or not at all: the recipe reuses an existing file on its rerun, so a
+        # run killed mid-write must not leave half of one.
+        path = os.path.join(out_dir, f"{name}.json")
+        with open(path + ".tmp", "w") as f:
             json.dump(result, f, indent=1)
+        os.replace(path + ".tmp", path)
         print(format_table([summary]))
     return result  # what workdir/eval/<name>.json holds, on every process
 

@@ -38,8 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from phimr_jax.model.cache import StepCache
-from phimr_jax.model.sharding import (MESH_AXES, RunsTogether, constrain, current_rules,
-                                      gather_to_every_process, logical_to_spec)
+from phimr_jax.model.sharding import (RunsTogether, batch_shards, constrain, current_rules,
+                                      gather_to_every_process)
 
 _NEG = -1e30
 
@@ -184,13 +184,7 @@ def _argmax(x):
 
 def _batch_shards(bsz: int) -> int:
     """How many shards the rows are split into under the active mesh (1 without one)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
-        return 1
-    axes = logical_to_spec(("batch",), (bsz,), mesh, current_rules())
-    axes = axes[0] if len(axes) else None
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    return int(np.prod([mesh.shape[a] for a in axes], dtype=np.int64))
+    return batch_shards(jax.sharding.get_abstract_mesh(), current_rules(), bsz)
 
 
 @RunsTogether  # its while_loop holds collectives when rows span processes
@@ -286,12 +280,15 @@ def _sample(model, ids, segment_ids, positions, live, key, temperature, top_p, t
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, num_samples: int = 1,
              seed: int = 0, stop_tokens: Optional[Sequence[int]] = None, rope_mode: str = "hf",
-             pad_id: int = 0, vocab_limit: Optional[int] = None) -> GenerateResult:
+             pad_id: int = 0, vocab_limit: Optional[int] = None,
+             fixed_length: Optional[int] = None) -> GenerateResult:
     """Sample `num_samples` completions of each prompt (token-id lists); see module docstring.
 
     stop_tokens: None = the model's stop tokens (<|end|>, <|endoftext|>); [] = never stop early.
     vocab_limit: never draw ids >= this (pass the tokenizer's size when the model's embedding
     is padded beyond it, as Phi-4-mini's is); None = the whole vocab.
+    fixed_length: rope_mode "fixed" picks its regime from this total length instead of this
+    call's longest prompt + max_new_tokens (one regime over several calls).
     """
     if rope_mode not in ("hf", "fixed"):
         raise ValueError(f"rope_mode must be 'hf' or 'fixed', got {rope_mode!r}")
@@ -315,7 +312,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
     out, lp, slp = _sample(
         model, ids, seg, pos, np.arange(bsz) < n, jax.random.key(seed), jnp.float32(temperature),
         jnp.float32(top_p), jnp.int32(top_k), jnp.asarray(stops or [-1], jnp.int32),
-        jnp.int32(max_new_tokens), jnp.asarray(rope_regime(cfg, longest + max_new_tokens)),
+        jnp.int32(max_new_tokens),
+        jnp.asarray(rope_regime(cfg, fixed_length or longest + max_new_tokens)),
         jnp.int32(vocab_limit or cfg.vocab_size), budget=budget, hf_rope=rope_mode == "hf",
         reencode_rows=_batch_shards(bsz))
     if jax.process_count() > 1:  # rows are sharded over hosts: every process gets them all
@@ -332,3 +330,33 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
         lengths.append(length)
         reasons.append("stop" if hit else "length")
     return GenerateResult(tokens, lps, slps, np.asarray(lengths), reasons)
+
+
+def generate_in_calls(model, prompts: Sequence[Sequence[int]], *, prompts_per_call: int,
+                      seed: int, num_samples: int = 1, on_call=None, **kwargs) -> GenerateResult:
+    """`generate` over the prompts in calls of `prompts_per_call` prompts (0 = one call), formed
+    in order of prompt length: a call runs until its longest completion, and longer prompts
+    tend to have longer completions, so similar prompts finish together and carry less left
+    padding (demo held-out set, 256 problems x 4: 676 -> 537 decoding steps). The call
+    starting at position `start` of that order samples with `seed + start`; `on_call(prompts
+    done)` runs after each call. Returns one GenerateResult, rows prompt-major in the prompts'
+    order. With rope_mode "fixed" pass `fixed_length` so that every call uses one regime."""
+    n = len(prompts)
+    per_call = int(prompts_per_call) or n
+    order = sorted(range(n), key=lambda i: len(prompts[i]))
+    k, rows = num_samples, [None] * (n * num_samples)
+    for start in range(0, n, per_call):
+        part = order[start:start + per_call]
+        res = generate(model, [prompts[i] for i in part], num_samples=k, seed=seed + start,
+                       **kwargs)
+        for j, i in enumerate(part):
+            for s in range(k):
+                r = j * k + s
+                rows[i * k + s] = (res.tokens[r], res.logprobs[r], res.sampling_logprobs[r],
+                                   res.lengths[r], res.finish_reasons[r])
+        if on_call is not None:
+            on_call(min(start + per_call, n))
+    tokens, logprobs, sampling_logprobs, lengths, reasons = (list(c) for c in zip(*rows)) \
+        if rows else ([], [], [], [], [])
+    return GenerateResult(tokens, logprobs, sampling_logprobs, np.asarray(lengths, np.int64),
+                          reasons)

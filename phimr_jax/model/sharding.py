@@ -133,6 +133,17 @@ def axis_rules(rules: Iterable):
         _RULES.reset(token)
 
 
+def batch_shards(mesh, rules: Iterable, rows: int) -> int:
+    """How many shards `rows` rows of a [batch, ...] array split into on `mesh` under `rules`
+    (1 without a mesh, or on one that lacks the model's axes)."""
+    if mesh is None or mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+        return 1
+    spec = logical_to_spec(("batch",), (rows,), mesh, tuple(rules))
+    entry = spec[0] if len(spec) else None
+    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    return int(np.prod([mesh.shape[a] for a in axes], dtype=np.int64))
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[Optional[str]]) -> jax.Array:
     """Sharding constraint on an activation at a block boundary, by logical names.
 

@@ -295,8 +295,8 @@ def prepare_reference(model, tokenizer, config: ConfigDict, resumed: bool) -> No
         _write_own_pairs(model, tokenizer, config, train_files)
     arrays = {}
     for split, files in (("train", train_files), ("heldout", heldout_files)):
-        if not files:
-            continue
+        if not files or (split == "heldout" and not config.eval_every_steps):
+            continue  # held-out pairs are only scored for the evaluation
         source = _open_pairs(config, files)
         kept, stats = kept_pairs(source, tokenizer, config.data.seq_len,
                                  limit=config.data.max_pairs if split == "train" else 0)

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import numpy as np
@@ -127,7 +128,9 @@ def run(config: ConfigDict) -> list:
     first = config.stages[config.order[0]]
     dataset = config.eval.dataset or os.path.join(root, config.order[0], "demo_data",
                                                   "heldout.jsonl")
-    previous, rows = "", []
+    previous, started = "", False
+    evals = _Evaluations(background=bool(config.get("eval_in_background"))
+                         and jax.process_count() == 1)
     for name in config.order:
         stage = config.stages[name]
         stage.workdir = os.path.join(root, name)
@@ -145,14 +148,14 @@ def run(config: ConfigDict) -> list:
             if jax.process_index() == 0:
                 open(done, "w").close()
         previous = stage.workdir
-        if not rows and config.get("eval_start_row", True):
+        if not started and config.get("eval_start_row", True):
             # The start model's row, once stage 1 has made the tokenizer it needs.
             start = _start_run(config, root, first)
             if start:
-                rows.append(_evaluate(config, start, dataset, "start (before stage 1)"))
-                _log_row(rows)
-        rows.append(_evaluate(config, stage.workdir, dataset, f"+ {name}"))
-        _log_row(rows)
+                evals.add(_evaluate, config, start, dataset, "start (before stage 1)")
+        started = True
+        evals.add(_evaluate, config, stage.workdir, dataset, f"+ {name}")
+    rows = evals.wait()
     exported = _export(config, root) if config.export_dir else ""
     lines = table(rows)
     if jax.process_index() == 0:
@@ -167,6 +170,40 @@ def run(config: ConfigDict) -> list:
         if exported:
             print(f"final model (HF format, with tokenizer and chat template): {exported}")
     return rows
+
+
+class _Evaluations:
+    """The held-out evaluations, in stage order, each logged as its row is ready. In the
+    background (`eval_in_background`, one process only), a worker thread runs them one at a
+    time while the next stage trains: on 2 CPU cores a training step leaves one core idle
+    during its single-threaded elementwise kernels, and two computations at once got 25% more
+    done than one after the other (BENCHMARKS.md, "Session 20"). Every row is the same
+    computation either way (same checkpoint, seed and compiled sampler); an evaluation that
+    fails stops the recipe at the next stage boundary, or at the end."""
+
+    def __init__(self, background: bool):
+        self.rows: list = []
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="recipe-eval") \
+            if background else None
+        self._jobs: list = []
+
+    def add(self, evaluate, *args) -> None:
+        def job():
+            self.rows.append(evaluate(*args))
+            _log_row(self.rows)
+        for done in [j for j in self._jobs if j.done()]:
+            done.result()  # re-raises an evaluation's error here
+        if self._pool is None:
+            job()
+        else:
+            self._jobs.append(self._pool.submit(job))
+
+    def wait(self) -> list:
+        for job in self._jobs:
+            job.result()
+        if self._pool is not None:
+            self._pool.shutdown()
+        return self.rows
 
 
 def _log_row(rows: list) -> None:

@@ -22,11 +22,10 @@ on short examples.
 from __future__ import annotations
 
 import jax
-import numpy as np
 from ml_collections import ConfigDict
 
 from phimr_jax.data.pipelines import sft_dataset
-from phimr_jax.model.sharding import logical_to_spec
+from phimr_jax.model.sharding import batch_shards
 from phimr_jax.stages import distill
 from phimr_jax.train.config_base import mesh_and_rules
 from phimr_jax.train.trainer import train
@@ -58,15 +57,8 @@ def _row_multiple(config: ConfigDict) -> int:
         raise ValueError("data.padding_free packs each host's examples into its own number of "
                          "rows; a multi-host run needs one shape everywhere: leave it off")
     mesh, rules = mesh_and_rules(config)
-    split = int(config.optim.grad_accum_steps) * _batch_shards(mesh, rules)
+    split = int(config.optim.grad_accum_steps) * batch_shards(mesh, rules, mesh.size * 1024)
     return split * -(-4 // split)
-
-
-def _batch_shards(mesh, rules) -> int:
-    spec = logical_to_spec(("batch",), (mesh.size * 1024,), mesh, rules)
-    entry = spec[0] if len(spec) else None
-    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-    return int(np.prod([mesh.shape[a] for a in axes], dtype=np.int64))
 
 
 def run(config: ConfigDict) -> dict:

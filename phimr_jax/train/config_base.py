@@ -33,7 +33,7 @@ def train_config(stage: str) -> ConfigDict:
     c.checkpoint_every_steps = 100  # Save (asynchronously) every N steps, and at the end.
     c.keep_checkpoints = 3  # Keep the K newest checkpoints (0 = all).
     c.async_checkpoint = True  # Write checkpoints in the background while training goes on.
-    c.eval_every_steps = 0  # Run the stage's evaluation every N steps (0 = only at the end).
+    c.eval_every_steps = 0  # Run the stage's evaluation every N steps and at the end (0 = never).
     c.eval_at_start = False  # Also evaluate the initial model (logged at step 0) on a fresh run.
     c.tensorboard = True  # Also write every logged scalar to workdir/tensorboard/ (no TF needed).
     c.wandb = wandb_config()

@@ -95,14 +95,14 @@ def _greedy_eval(config, batch_size: int, rope_mode: str, monkeypatch) -> tuple:
     """(pass@1, completion texts, generated token ids) of one eval run; the ids are recorded
     from the sampler's results (texts alone could hide different byte tokens)."""
     from phimr_jax.evaluation import harness as evaluation
-    from phimr_jax.evaluation import inference
+    from phimr_jax.model import sampling
     calls = []
 
     def recording(*args, **kwargs):
-        calls.append(inference_generate(*args, **kwargs))
+        calls.append(sampling_generate(*args, **kwargs))
         return calls[-1]
-    inference_generate = inference.generate
-    monkeypatch.setattr(inference, "generate", recording)
+    sampling_generate = sampling.generate
+    monkeypatch.setattr(sampling, "generate", recording)
     config.batch_size, config.rope_mode = batch_size, rope_mode
     result = evaluation.run(config)
     monkeypatch.undo()
@@ -161,7 +161,8 @@ def test_sample_questions_batches_by_prompt_length_and_returns_question_order(mo
         return GenerateResult(rows, [np.zeros(2)] * len(rows), [np.ones(2)] * len(rows),
                               np.full(len(rows), 2), ["length"] * len(rows))
 
-    monkeypatch.setattr(inference, "generate", fake_generate)
+    from phimr_jax.model import sampling
+    monkeypatch.setattr(sampling, "generate", fake_generate)
     questions = ["x" * n for n in (9, 3, 7, 1, 8, 2, 6)]
     config = ConfigDict(dict(system="", reasoning=True, num_samples=2, batch_size=3,
                              max_new_tokens=4, temperature=0.6, top_p=0.95, top_k=0, seed=0,

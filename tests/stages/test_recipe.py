@@ -194,3 +194,55 @@ def test_a_preempted_stage_is_not_marked_done_and_the_recipe_stops(tmp_path, mon
     with pytest.raises(SystemExit):
         recipe.run(config)
     assert ran == ["midtrain", "midtrain"]
+
+
+def test_background_evaluations_overlap_the_next_stage_keep_order_and_raise(tmp_path,
+                                                                             monkeypatch):
+    """eval_in_background (the demo's default): stage N's held-out evaluation runs in a worker
+    thread while stage N+1 trains, the rows keep stage order, and an evaluation's error stops
+    the recipe."""
+    import threading
+
+    from phimr_jax.evaluation import harness as evaluation
+    from tests.test_configs import load
+    config = load("recipe", "demo")
+    assert config.eval_in_background and not load("recipe", "phi4_mini").eval_in_background
+    config.workdir, config.export_dir = str(tmp_path), ""
+    config.stages.midtrain.init.checkpoint = str(tmp_path / "given")
+    events, release = [], {}
+
+    def fake_stage(name, stage):
+        os.makedirs(stage.workdir)
+        events.append(("train", name, threading.current_thread().name))
+        if name == "sft":  # stage 1's evaluation waits until stage 2 has started
+            release["midtrain"].set()
+
+    def fake_eval(ev):
+        name = os.path.basename(ev.checkpoint)
+        gate = release.setdefault(name, threading.Event())
+        if name == "midtrain":
+            assert gate.wait(10), "stage 1's evaluation never overlapped stage 2"
+        events.append(("eval", name, threading.current_thread().name))
+        if name == "dpo" and config.get("fail"):
+            raise RuntimeError("evaluation failed")
+        return {"summary": {"pass@1": 0.5, "stderr": 0.1, "problems": 1,
+                            "samples_per_problem": 1, "mean_tokens": 5.0},
+                "problems": [{"pass@1": len(name) / 10}]}
+    release["midtrain"] = threading.Event()
+    monkeypatch.setattr(recipe, "_run_stage", fake_stage)
+    monkeypatch.setattr(evaluation, "run", fake_eval)
+    monkeypatch.setattr(recipe, "_plot", lambda *a: None)
+    monkeypatch.setattr(recipe, "_plot_rl", lambda *a: None)
+    rows = recipe.run(config)
+    assert [r["stage"] for r in rows] == [f"+ {s}" for s in STAGES]
+    assert [r["per_problem"] for r in rows] == [[len(s) / 10] for s in STAGES]
+    evals = [e for e in events if e[0] == "eval"]
+    assert [e[1] for e in evals] == list(STAGES)
+    assert all(e[2] != threading.main_thread().name for e in evals)
+    assert events.index(("train", "sft", threading.main_thread().name)) < \
+        events.index(evals[0])
+    config.fail, config.workdir = True, str(tmp_path / "again")
+    release.clear()
+    release["midtrain"] = threading.Event()
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        recipe.run(config)

@@ -6,8 +6,9 @@ The shared trainer hands the iterator the current parameters before every step
 1. temperature from the annealing schedule at the current optimizer step;
 2. `prompts_per_rollout` prompts drawn by the `HardPromptSampler` (hard prompts oversampled);
 3. `group_size` completions per prompt from our sampler with the policy's current parameters
-   (same process, no weight copies), in the fixed LongRoPE regime so the trainer encodes
-   positions exactly as the sampler did;
+   (same process, no weight copies), in calls of `rl.prompts_per_call` prompts formed by
+   prompt length, all in one fixed LongRoPE regime so the trainer encodes positions exactly
+   as the sampler did;
 4. +1 / -1 from the Math-Verify reward pool (a completion cut at max_new_tokens gets -1 unless
    `rl.truncated_is_wrong` is off: it never finished its answer);
 5. advantages over the whole groups (GRPO: group-normalised; PPO: GAE on the critic's values,
@@ -38,7 +39,7 @@ import numpy as np
 from flax import nnx
 
 from phimr_jax.model.actor_critic import PARAM_LAYOUTS
-from phimr_jax.model.sampling import generate, rope_regime
+from phimr_jax.model.sampling import generate_in_calls, rope_regime
 from phimr_jax.model.sharding import RunsTogether, gather_to_every_process
 from phimr_jax.stages.rl import objectives as obj
 from phimr_jax.stages.rl import stabilisers as st
@@ -170,12 +171,18 @@ class RolloutIterator:
         prompts = [self.prompts[i] for i in idx]
         g = int(rl.group_size)
         t0 = time.perf_counter()
-        result = generate(policy, [p["prompt_ids"] for p in prompts],
-                          max_new_tokens=int(rl.max_new_tokens), temperature=temperature,
-                          top_p=float(rl.top_p), num_samples=g,
-                          seed=int(self.config.seed) * 1_000_003 + self.rollouts,
-                          stop_tokens=tok.stop_ids, rope_mode="fixed", pad_id=tok.pad_id,
-                          vocab_limit=tok.vocab_size)
+        # One LongRoPE regime for every sampler call of the batch: the one `_rows` gives the
+        # trainer (longest prompt + max_new_tokens).
+        longest = max(len(p["prompt_ids"]) for p in prompts) + int(rl.max_new_tokens)
+        per_call = int(rl.get("prompts_per_call", 0))
+        seed = int(self.config.seed) * 1_000_003 + self.rollouts
+        if 0 < per_call < len(prompts):  # each call of each rollout its own seed
+            seed *= len(prompts)
+        result = generate_in_calls(
+            policy, [p["prompt_ids"] for p in prompts], prompts_per_call=per_call, seed=seed,
+            num_samples=g, max_new_tokens=int(rl.max_new_tokens), temperature=temperature,
+            top_p=float(rl.top_p), stop_tokens=tok.stop_ids, rope_mode="fixed",
+            fixed_length=longest, pad_id=tok.pad_id, vocab_limit=tok.vocab_size)
         self.rollouts += 1
         t1 = time.perf_counter()
         texts = [tok.decode(t[:-1] if r == "stop" else t)
