@@ -74,9 +74,11 @@ def clipped_surrogate(logp, old_logp, advantages, clip_eps: float):
 
 def grpo_per_token(logp, old_logp, ref_logp, advantages, *, clip_eps: float, kl_beta: float):
     """Per-token GRPO terms: (loss, clipped indicator, k3 KL to the reference), [seq, tokens].
-    `advantages`: [sequences], computed over whole groups (before any filtering)."""
-    surrogate, was_clipped = clipped_surrogate(logp, jax.lax.stop_gradient(old_logp),
-                                               advantages[:, None], clip_eps)
+    `advantages`: [sequences], computed over whole groups (before any filtering), or already
+    per token, [rows, tokens] (rows that hold several responses)."""
+    adv = advantages if advantages.ndim == 2 else advantages[:, None]
+    surrogate, was_clipped = clipped_surrogate(logp, jax.lax.stop_gradient(old_logp), adv,
+                                               clip_eps)
     kl = k3_kl(logp, jax.lax.stop_gradient(ref_logp))
     return surrogate + kl_beta * kl, was_clipped, kl
 

@@ -20,6 +20,9 @@ The shared trainer hands the iterator the current parameters before every step
    the reference's log-probs when a KL penalty is on; only for the responses the filters kept;
 7. kept responses shuffled into minibatches of `data.global_batch_size` rows (the last one
    padded with rows that weigh nothing), repeated for `updates_per_rollout` epochs (mu).
+   With `rl.pack_responses` (GRPO, token aggregation) a row holds several responses, each its
+   own segment (`pack_responses`), packed before the old log-probs are scored, so steps 6-7
+   see the same rows.
 
 Its state (optimizer step, rollout count, prompt sampler weights + RNG, filter RNG) is JSON and
 goes into every checkpoint; checkpoints are only taken between rollout batches
@@ -275,13 +278,17 @@ class RolloutIterator:
             rows["advantages"] = np.asarray(adv, np.float32)
         kept = np.flatnonzero(rows["keep"])
         rows = {k: v[kept] for k, v in rows.items()}
+        # Where each kept response's first generated token sits: (row, column).
+        first = np.argmax(rows["loss_mask"] > 0, axis=1)
+        spans = list(zip(range(len(kept)), first))
+        if self.rl.get("pack_responses"):
+            rows, spans = pack_responses(rows, first)
         rows.update(self.score_fn(module, self.reference, rows))
         mask = rows["loss_mask"]
         diffs = []
-        for i, j in enumerate(kept):
+        for (row, start), j in zip(spans, kept):
             lp = result.sampling_logprobs[j]
-            start = int(np.argmax(mask[i] > 0))
-            diffs.append(np.max(np.abs(rows["old_logp"][i, start:start + len(lp)] - lp)))
+            diffs.append(np.max(np.abs(rows["old_logp"][row, start:start + len(lp)] - lp)))
         self.metrics["rollout/sampler_logp_diff"] = float(np.max(diffs))
         if self.rl.algorithm != "grpo":  # GAE runs per response: the kept ones suffice
             token_rewards = obj.terminal_rewards(jnp.asarray(rows["rewards"]), jnp.asarray(mask))
@@ -314,6 +321,45 @@ class RolloutIterator:
                 batch["fresh"] = np.full((b,), float(fresh), np.float32)
                 fresh = False
                 self.pending.append(batch)
+
+
+def pack_responses(rows: dict, first: np.ndarray) -> tuple[dict, list]:
+    """One-response rows -> rows of the same length that hold several responses each.
+
+    Responses go first-fit in order of decreasing length into rows of `seq_len` tokens; each
+    keeps its own segment id (attention stays within it) and its positions from 0, so its
+    tokens see exactly what they saw in their own row. Per-response values become per-token
+    (`advantages`); per-batch ones (`long_rope`, `temperature`, `vocab_limit`: one rollout's)
+    are the first response's. Returns (packed rows, each response's (row, column of its first
+    generated token), in the input order)."""
+    n, t = rows["inputs"].shape
+    lengths = (rows["segment_ids"] > 0).sum(axis=1)
+    fill: list = []  # tokens used per packed row
+    where = [None] * n
+    for i in sorted(range(n), key=lambda i: (-lengths[i], i)):
+        row = next((r for r, used in enumerate(fill) if used + lengths[i] <= t), None)
+        if row is None:
+            row = len(fill)
+            fill.append(0)
+        where[i] = (row, fill[row])
+        fill[row] += int(lengths[i])
+    m = len(fill)
+    out = {k: np.zeros((m, t), rows[k].dtype) for k in
+           ("inputs", "targets", "loss_mask", "positions", "segment_ids")}
+    out["advantages"] = np.zeros((m, t), np.float32)
+    segments = [0] * m
+    for i, (row, col) in enumerate(where):
+        k = int(lengths[i])
+        segments[row] += 1
+        for key in ("inputs", "targets", "loss_mask", "positions"):
+            out[key][row, col:col + k] = rows[key][i, :k]
+        out["segment_ids"][row, col:col + k] = segments[row]
+        out["advantages"][row, col:col + k] = rows["advantages"][i]
+    for key in ("long_rope", "temperature", "vocab_limit"):
+        out[key] = np.full((m,), rows[key][0], rows[key].dtype)
+    out["rewards"] = np.zeros((m,), np.float32)  # per response; not used after scoring
+    out["keep"] = np.ones((m,), bool)
+    return out, [(row, col + int(f)) for (row, col), f in zip(where, first)]
 
 
 def make_score_fn(config, layout: str, chunk_rows: int) -> Callable:

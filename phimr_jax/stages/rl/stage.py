@@ -167,6 +167,9 @@ def check_config(config: ConfigDict) -> None:
         raise ValueError("RL needs --config.total_steps > 0 (optimizer steps)")
     if rl.group_size < 2:
         raise ValueError("rl.group_size must be >= 2 (advantages are relative to the group)")
+    if rl.get("pack_responses") and (rl.algorithm != "grpo" or rl.aggregation != "token"):
+        raise ValueError("rl.pack_responses needs GRPO with token aggregation (PPO's GAE and "
+                         "sequence aggregation work on one response per row)")
     if config.data.global_batch_size % config.optim.grad_accum_steps:
         raise ValueError("data.global_batch_size must divide by optim.grad_accum_steps")
 

@@ -48,6 +48,7 @@ def _config(**rl_overrides):
     c.rl.group_size = 4
     c.rl.length_filter = False
     c.rl.truncated_is_wrong = False  # a random model never stops; the fake grader decides
+    c.rl.pack_responses = False  # one response per row unless a test packs them
     c.total_steps = 20
     for k, v in rl_overrides.items():
         c.rl[k] = v
@@ -152,6 +153,65 @@ def test_rollout_batch_rows_advantages_and_minibatches(setup, temperature):
     assert float(weight) == float(first["loss_mask"].sum())
     expected = -np.sum(first["advantages"][:, None] * first["loss_mask"]) / float(weight)
     assert float(loss_sum) / float(weight) == pytest.approx(expected, abs=1e-5)
+
+
+def _segments(batch):
+    """Each response of a batch as (its input ids, its loss mask, its advantage per token)."""
+    out = []
+    for r in range(len(batch["inputs"])):
+        seg = batch["segment_ids"][r]
+        for s in sorted(set(seg[seg > 0].tolist())):
+            cols = seg == s
+            adv = batch["advantages"][r]
+            out.append((tuple(batch["inputs"][r, cols]), tuple(batch["loss_mask"][r, cols]),
+                        tuple(adv[cols] if adv.ndim else np.full(cols.sum(), adv))))
+    return sorted(out)
+
+
+def test_packed_rows_hold_the_same_responses_and_give_the_same_loss_and_gradient(setup):
+    """rl.pack_responses: the kept responses share rows (each its own segment, positions
+    from 0); the step trains on the same responses with the same advantages, and its loss,
+    token count and gradient equal those of one response per row; the old log-probs are
+    scored on the packed rows, so the fresh minibatch's importance ratio is exactly 1."""
+    tok, model, _ = setup
+    batches = {}
+    for pack in (False, True):
+        config = _config(updates_per_rollout=1, pack_responses=pack)
+        config.data.seq_len = 192  # room for two of these 60-90-token responses in a row
+        it = _iterator(config, setup, FakePool([True, False, False, False]))
+        batches[pack] = next(it)
+        m = it.pop_metrics()
+        assert m["rollout/responses_kept"] == 8 and m["rollout/sampler_logp_diff"] < 1e-4
+    plain, packed = batches[False], batches[True]
+    assert _segments(plain) == _segments(packed)
+    assert packed["segment_ids"].max() >= 2  # rows really hold several responses
+    rows_used = (packed["segment_ids"] > 0).any(axis=1).sum()
+    assert rows_used < 8 and packed["advantages"].ndim == 2
+    for r in range(rows_used):  # positions restart at 0 with every segment
+        seg = packed["segment_ids"][r]
+        for s in set(seg[seg > 0].tolist()):
+            assert packed["positions"][r, seg == s].tolist() == list(range((seg == s).sum()))
+
+    def loss_and_grad(batch):
+        batch = {k: jnp.asarray(v) for k, v in batch.items()}
+        graphdef, params = nnx.split(model, nnx.Param)
+
+        def f(p):
+            total, weight, sums = rl.grpo_batch_loss(nnx.merge(graphdef, p), batch,
+                                                     clip_eps=0.2, kl_beta=0.0,
+                                                     aggregation="token", chunk_size=1024)
+            return total, (weight, sums)
+        (total, (weight, sums)), grads = jax.value_and_grad(f, has_aux=True)(params)
+        return float(total), float(weight), sums, grads
+    a, b = loss_and_grad(plain), loss_and_grad(packed)
+    assert a[1] == b[1] == float(plain["loss_mask"].sum())
+    # The same per-token terms summed in another order: float32 rounding only.
+    assert a[0] == pytest.approx(b[0], rel=1e-6)
+    assert float(b[2]["ratio_dev_fresh"]) / b[1] < 1e-6
+    for x, y in zip(jax.tree.leaves(a[3]), jax.tree.leaves(b[3])):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+    with pytest.raises(ValueError, match="pack_responses"):
+        rl.check_config(_config(pack_responses=True, algorithm="ppo"))
 
 
 def test_filters_drop_easy_groups_and_resample_when_empty(setup):
