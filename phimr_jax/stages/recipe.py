@@ -128,9 +128,33 @@ def run(config: ConfigDict) -> list:
     first = config.stages[config.order[0]]
     dataset = config.eval.dataset or os.path.join(root, config.order[0], "demo_data",
                                                   "heldout.jsonl")
-    previous, started = "", False
     evals = _Evaluations(background=bool(config.get("eval_in_background"))
                          and jax.process_count() == 1)
+    try:
+        rows = _run_stages(config, root, first, dataset, evals)
+    except BaseException:  # a failed or preempted stage: no queued evaluation starts
+        evals.abandon()
+        raise
+    exported = _export(config, root) if config.export_dir else ""
+    lines = table(rows)
+    if jax.process_index() == 0:
+        with open(os.path.join(root, "recipe.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        with open(os.path.join(root, "recipe.json"), "w") as f:
+            json.dump(rows, f, indent=2)
+        _plot(root, config.order)
+        if "rl" in config.order:
+            _plot_rl(root)
+        print("\n".join(lines))
+        if exported:
+            print(f"final model (HF format, with tokenizer and chat template): {exported}")
+    return rows
+
+
+def _run_stages(config: ConfigDict, root: str, first: ConfigDict, dataset: str,
+                evals) -> list:
+    """Each stage in order (skipping finished ones), its evaluation queued after it."""
+    previous, started = "", False
     for name in config.order:
         stage = config.stages[name]
         stage.workdir = os.path.join(root, name)
@@ -155,21 +179,7 @@ def run(config: ConfigDict) -> list:
                 evals.add(_evaluate, config, start, dataset, "start (before stage 1)")
         started = True
         evals.add(_evaluate, config, stage.workdir, dataset, f"+ {name}")
-    rows = evals.wait()
-    exported = _export(config, root) if config.export_dir else ""
-    lines = table(rows)
-    if jax.process_index() == 0:
-        with open(os.path.join(root, "recipe.md"), "w") as f:
-            f.write("\n".join(lines) + "\n")
-        with open(os.path.join(root, "recipe.json"), "w") as f:
-            json.dump(rows, f, indent=2)
-        _plot(root, config.order)
-        if "rl" in config.order:
-            _plot_rl(root)
-        print("\n".join(lines))
-        if exported:
-            print(f"final model (HF format, with tokenizer and chat template): {exported}")
-    return rows
+    return evals.wait()
 
 
 class _Evaluations:
@@ -197,6 +207,12 @@ class _Evaluations:
             job()
         else:
             self._jobs.append(self._pool.submit(job))
+
+    def abandon(self) -> None:
+        """Queued evaluations never start; a running one finishes (a thread cannot be
+        stopped) before the process exits."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
     def wait(self) -> list:
         for job in self._jobs:
