@@ -44,7 +44,8 @@ def get_config(arg="demo"):
     c.rl.updates_per_rollout = 2
     # Pack several responses into each row of data.seq_len tokens (each its own segment and
     # positions; GRPO with token aggregation only): data.global_batch_size then counts packed
-    # rows. False: one response per row, padded to data.seq_len.
+    # rows. False (and with PPO or sequence aggregation): one response per row, padded to
+    # data.seq_len.
     c.rl.pack_responses = False
     c.rl.clip_eps = 0.2  # Ratio clip. Not published; 0.2 = TRL / Tunix / PPO default.
     # KL to the frozen initial policy (k3 estimator, exp(q) - q - 1). Not published; 0.0 is

@@ -10,6 +10,14 @@ from __future__ import annotations
 import numpy as np
 
 
+def packs_responses(rl) -> bool:
+    """Whether RL rows hold several responses: `rl.pack_responses` with GRPO and token
+    aggregation (the per-row computations of PPO's GAE and of sequence means need one response
+    per row; with them the flag is ignored, with a warning at the start)."""
+    return bool(rl.get("pack_responses")) and rl.algorithm == "grpo" and \
+        rl.aggregation == "token"
+
+
 def pack_responses(rows: dict, first: np.ndarray) -> tuple[dict, list]:
     """One-response rows -> rows of the same length that hold several responses each.
 

@@ -46,7 +46,7 @@ from phimr_jax.model.sampling import generate_in_calls, rope_regime
 from phimr_jax.model.sharding import RunsTogether, gather_to_every_process
 from phimr_jax.stages.rl import objectives as obj
 from phimr_jax.stages.rl import stabilisers as st
-from phimr_jax.stages.rl.packing import pack_responses
+from phimr_jax.stages.rl.packing import pack_responses, packs_responses
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ class RolloutIterator:
         # Where each kept response's first generated token sits: (row, column).
         first = np.argmax(rows["loss_mask"] > 0, axis=1)
         spans = list(zip(range(len(kept)), first))
-        if self.rl.get("pack_responses"):
+        if packs_responses(self.rl):
             rows, spans = pack_responses(rows, first)
         rows.update(self.score_fn(module, self.reference, rows))
         mask = rows["loss_mask"]

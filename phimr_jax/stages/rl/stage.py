@@ -40,6 +40,7 @@ from phimr_jax.data.sources import open_records
 from phimr_jax.evaluation.rewards import RewardPool
 from phimr_jax.stages import distill
 from phimr_jax.stages.rl import objectives as obj
+from phimr_jax.stages.rl.packing import packs_responses
 from phimr_jax.stages.rl.rollouts import RolloutIterator, make_score_fn
 from phimr_jax.train import checkpointing, losses
 from phimr_jax.train.config_base import mesh_and_rules
@@ -167,9 +168,10 @@ def check_config(config: ConfigDict) -> None:
         raise ValueError("RL needs --config.total_steps > 0 (optimizer steps)")
     if rl.group_size < 2:
         raise ValueError("rl.group_size must be >= 2 (advantages are relative to the group)")
-    if rl.get("pack_responses") and (rl.algorithm != "grpo" or rl.aggregation != "token"):
-        raise ValueError("rl.pack_responses needs GRPO with token aggregation (PPO's GAE and "
-                         "sequence aggregation work on one response per row)")
+    if rl.get("pack_responses") and not packs_responses(rl):
+        log.warning("rl.pack_responses is for GRPO with token aggregation (PPO's GAE and "
+                    "sequence aggregation work per row): one response per row, "
+                    "data.global_batch_size responses per step")
     if config.data.global_batch_size % config.optim.grad_accum_steps:
         raise ValueError("data.global_batch_size must divide by optim.grad_accum_steps")
 
@@ -257,4 +259,4 @@ def run(config: ConfigDict) -> dict:
     return result
 
 
-__all__ = ["grpo_batch_loss", "ppo_batch_loss", "run", "plot_curves"]
+__all__ = ["grpo_batch_loss", "ppo_batch_loss", "packs_responses", "run", "plot_curves"]

@@ -210,8 +210,10 @@ def test_packed_rows_hold_the_same_responses_and_give_the_same_loss_and_gradient
     assert float(b[2]["ratio_dev_fresh"]) / b[1] < 1e-6
     for x, y in zip(jax.tree.leaves(a[3]), jax.tree.leaves(b[3])):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
-    with pytest.raises(ValueError, match="pack_responses"):
-        rl.check_config(_config(pack_responses=True, algorithm="ppo"))
+    # PPO (GAE per row) and sequence aggregation keep one response per row.
+    assert rl.packs_responses(_config(pack_responses=True).rl)
+    assert not rl.packs_responses(_config(pack_responses=True, algorithm="ppo").rl)
+    assert not rl.packs_responses(_config(pack_responses=True, aggregation="sequence").rl)
 
 
 def test_filters_drop_easy_groups_and_resample_when_empty(setup):
