@@ -223,7 +223,7 @@ class RolloutIterator:
         self._level_metrics(prompts, rewards, keep)
         if not keep.any():
             return 0
-        rows = self._rows(policy.config, prompts, result, rewards, keep, temperature)
+        rows = self._rows(policy.config, prompts, result, rewards, keep, temperature, longest)
         t3 = time.perf_counter()
         rows = self._score(module, rows, result)
         self.metrics["time/score_s"] = time.perf_counter() - t3
@@ -239,7 +239,8 @@ class RolloutIterator:
             self.metrics.update({level_key(lv, m): float(n)
                                  for m, n in zip(LEVEL_METRICS, counts)})
 
-    def _rows(self, model_config, prompts, result, rewards, keep, temperature) -> dict:
+    def _rows(self, model_config, prompts, result, rewards, keep, temperature,
+              longest: int) -> dict:
         """Right-padded training rows of every response (filtering happens after scoring, so the
         advantages see whole groups)."""
         t, g = int(self.config.data.seq_len), int(self.rl.group_size)
@@ -257,8 +258,7 @@ class RolloutIterator:
             rows["positions"][i, :k] = np.arange(k)
             rows["segment_ids"][i, :k] = 1
         # The regime the sampler used: longest prompt + max_new_tokens (see sampling.py).
-        max_prompt = max(len(p["prompt_ids"]) for p in prompts)
-        long_rope = rope_regime(model_config, max_prompt + int(self.rl.max_new_tokens))
+        long_rope = rope_regime(model_config, longest)
         rows["long_rope"] = np.full((n,), int(long_rope), np.int32)
         # The policy trained is the one sampled: softmax(logits / T) (TRL / verl do the same).
         rows["temperature"] = np.full((n,), temperature, np.float32)
