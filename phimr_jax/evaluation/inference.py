@@ -11,7 +11,8 @@ from ml_collections import ConfigDict
 
 from phimr_jax.data.tokenizers import load_tokenizer
 from phimr_jax.model.hf_io import load_hf
-from phimr_jax.model.sampling import GenerateResult, generate_in_calls
+from phimr_jax.model.sampling import GenerateResult
+from phimr_jax.model.sampling_calls import generate_in_calls
 from phimr_jax.train import checkpointing
 from phimr_jax.train.config_base import mesh_and_rules
 from phimr_jax.train.metrics import Countdown

@@ -366,33 +366,3 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
         lengths.append(length)
         reasons.append("stop" if hit else "length")
     return GenerateResult(tokens, lps, slps, np.asarray(lengths), reasons)
-
-
-def generate_in_calls(model, prompts: Sequence[Sequence[int]], *, prompts_per_call: int,
-                      seed: int, num_samples: int = 1, on_call=None, **kwargs) -> GenerateResult:
-    """`generate` over the prompts in calls of `prompts_per_call` prompts (0 = one call), formed
-    in order of prompt length: a call runs until its longest completion, and longer prompts
-    tend to have longer completions, so similar prompts finish together and carry less left
-    padding (demo held-out set, 256 problems x 4: 676 -> 537 decoding steps). The call
-    starting at position `start` of that order samples with `seed + start`; `on_call(prompts
-    done)` runs after each call. Returns one GenerateResult, rows prompt-major in the prompts'
-    order. With rope_mode "fixed" pass `fixed_length` so that every call uses one regime."""
-    n = len(prompts)
-    per_call = int(prompts_per_call) or n
-    order = sorted(range(n), key=lambda i: len(prompts[i]))
-    k, rows = num_samples, [None] * (n * num_samples)
-    for start in range(0, n, per_call):
-        part = order[start:start + per_call]
-        res = generate(model, [prompts[i] for i in part], num_samples=k, seed=seed + start,
-                       **kwargs)
-        for j, i in enumerate(part):
-            for s in range(k):
-                r = j * k + s
-                rows[i * k + s] = (res.tokens[r], res.logprobs[r], res.sampling_logprobs[r],
-                                   res.lengths[r], res.finish_reasons[r])
-        if on_call is not None:
-            on_call(min(start + per_call, n))
-    tokens, logprobs, sampling_logprobs, lengths, reasons = (list(c) for c in zip(*rows)) \
-        if rows else ([], [], [], [], [])
-    return GenerateResult(tokens, logprobs, sampling_logprobs, np.asarray(lengths, np.int64),
-                          reasons)

@@ -43,6 +43,7 @@ from phimr_jax.data import demo_corpus
 from phimr_jax.data.pairs import dpo_dataset, kept_pairs, pair_batches
 from phimr_jax.data.sources import open_records
 from phimr_jax.model.sampling import generate
+from phimr_jax.model.sampling_calls import in_order
 from phimr_jax.model.sharding import RunsTogether
 from phimr_jax.stages import distill
 from phimr_jax.train import losses
@@ -149,13 +150,17 @@ def _write_demo_pairs(src: str, dst: str, rng: random.Random, steps: bool = Fals
 def _own_rollouts(model, tokenizer, records: list, *, samples: int, temperature: float,
                   max_new_tokens: int, prompts_per_call: int, seed: int):
     """Yields (record, [(text, finished), ...] of its `samples` completions), sampling
-    `prompts_per_call` problems per sampler call, lazily: the caller stops when it has enough."""
-    for start in range(0, len(records), prompts_per_call):
+    `prompts_per_call` problems per sampler call in the records' order, lazily: the caller
+    stops when it has enough (on a CPU the next call is already running then, `in_order`)."""
+    def call(start):
         chunk = records[start:start + prompts_per_call]
-        result = generate(model, [tokenizer.prompt_ids(r["problem"]) for r in chunk],
-                          max_new_tokens=max_new_tokens, temperature=temperature,
-                          num_samples=samples, seed=seed + start, stop_tokens=tokenizer.stop_ids,
-                          pad_id=tokenizer.pad_id, vocab_limit=tokenizer.vocab_size)
+        return chunk, generate(model, [tokenizer.prompt_ids(r["problem"]) for r in chunk],
+                               max_new_tokens=max_new_tokens, temperature=temperature,
+                               num_samples=samples, seed=seed + start,
+                               stop_tokens=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
+                               vocab_limit=tokenizer.vocab_size)
+
+    for chunk, result in in_order(call, range(0, len(records), prompts_per_call)):
         done = [r == "stop" for r in result.finish_reasons]
         texts = [tokenizer.decode(t[:-1] if d else t) for t, d in zip(result.tokens, done)]
         for j, rec in enumerate(chunk):
@@ -216,6 +221,7 @@ def own_pairs(model, tokenizer, records: list, *, steps: bool, samples: int,
                    "difficulty": rec["difficulty"], "domain": rec["domain"]} for p in found]
         if i % prompts_per_call == 0 and len(pairs) >= max_pairs:
             break  # after a sampler call's last problem: no further call
+    rollouts.close()  # waits for a call already running beside the last one
     pairs = pairs[:max_pairs]
     return pairs, {**counts, "pairs": len(pairs)}
 

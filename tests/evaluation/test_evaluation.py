@@ -98,9 +98,10 @@ def _greedy_eval(config, batch_size: int, rope_mode: str, monkeypatch) -> tuple:
     from phimr_jax.model import sampling
     calls = []
 
-    def recording(*args, **kwargs):
-        calls.append(sampling_generate(*args, **kwargs))
-        return calls[-1]
+    def recording(*args, **kwargs):  # calls may run two at once: keyed by their seed
+        res = sampling_generate(*args, **kwargs)
+        calls.append((kwargs["seed"], res))
+        return res
     sampling_generate = sampling.generate
     monkeypatch.setattr(sampling, "generate", recording)
     config.batch_size, config.rope_mode = batch_size, rope_mode
@@ -108,7 +109,7 @@ def _greedy_eval(config, batch_size: int, rope_mode: str, monkeypatch) -> tuple:
     monkeypatch.undo()
     assert len(calls) == -(-len(result["problems"]) // batch_size)
     return (result["summary"]["pass@1"], [p["completions"][0] for p in result["problems"]],
-            [toks for res in calls for toks in res.tokens])
+            [toks for _, res in sorted(calls, key=lambda c: c[0]) for toks in res.tokens])
 
 
 def test_greedy_eval_is_batch_size_invariant(tmp_path, monkeypatch):
@@ -168,6 +169,6 @@ def test_sample_questions_batches_by_prompt_length_and_returns_question_order(mo
                              max_new_tokens=4, temperature=0.6, top_p=0.95, top_k=0, seed=0,
                              rope_mode="hf"))
     res = inference.sample_questions(None, Tokenizer(), questions, config)
-    assert calls == [[1, 2, 3], [6, 7, 8], [9]]
+    assert sorted(calls) == [[1, 2, 3], [6, 7, 8], [9]]  # two calls may run at once
     assert res.tokens == [[len(q), s] for q in questions for s in range(2)]
     assert len(res.logprobs) == len(res.finish_reasons) == 14 and res.lengths.tolist() == [2] * 14

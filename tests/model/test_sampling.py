@@ -117,39 +117,6 @@ def test_fixed_regime_logprobs_equal_trainer_logprobs():
         np.testing.assert_allclose(lp, ref, atol=1e-4)
 
 
-def test_calls_by_prompt_length_share_one_fixed_regime_and_keep_prompt_order():
-    """generate_in_calls (RL's rollouts): calls of 1 prompt formed in order of prompt length,
-    rows back in the prompts' order, and with `fixed_length` every call samples in the regime
-    of the whole batch: a 20-token prompt alone (20 + 24 <= 64) would take the short one, but
-    in a batch with a 45-token prompt both score as the trainer scores them with long
-    factors."""
-    from phimr_jax.model.sampling import generate_in_calls
-    m = init_model(mc.tiny(initializer_range=0.125), seed=4)  # original context 64
-    rng = np.random.default_rng(3)
-    prompts = [rng.integers(4, 512, size=n).tolist() for n in (45, 20)]
-    kw = dict(max_new_tokens=24, temperature=0.8, top_p=0.9, stop_tokens=[], rope_mode="fixed")
-    done = []
-    res = generate_in_calls(m, prompts, prompts_per_call=1, seed=7, num_samples=2,
-                            fixed_length=45 + 24, on_call=done.append, **kw)
-    assert done == [1, 2] and len(res.tokens) == 4
-    # Call 0 is the shorter prompt (seed 7 + 0), call 1 the longer (seed 7 + 1).
-    alone = generate(m, [prompts[1]], num_samples=2, seed=7, fixed_length=45 + 24, **kw)
-    assert res.tokens[2:] == alone.tokens
-    assert rope_regime(m.config, 45 + 24) and not rope_regime(m.config, 20 + 24)
-    for i, (toks, lp) in enumerate(zip(res.tokens, res.logprobs)):
-        prompt = prompts[i // 2]
-        seq = np.array([prompt + toks])
-        logp = jax.nn.log_softmax(np.asarray(m(seq, long_rope=True))[0], axis=-1)
-        ref = logp[np.arange(len(prompt) - 1, seq.shape[1] - 1), seq[0, len(prompt):]]
-        np.testing.assert_allclose(lp, ref, atol=1e-4)
-    # Guard: the short prompt's rows scored in its own (short) regime differ, so the check
-    # above would catch a call that chose its regime alone.
-    seq = np.array([prompts[1] + res.tokens[2]])
-    logp = jax.nn.log_softmax(np.asarray(m(seq, long_rope=False))[0], axis=-1)
-    short = logp[np.arange(19, seq.shape[1] - 1), seq[0, 20:]]
-    assert np.abs(short - res.logprobs[2]).max() > 1e-2
-
-
 def _last_logits(m, prompt):
     return np.asarray(m(np.array([prompt])))[0, -1].astype(np.float64)
 

@@ -249,7 +249,10 @@ def test_own_rollout_pairs_are_made_once_from_the_initial_policy(tmp_path, monke
     monkeypatch.setattr(dpo, "generate", fake_generate)
     model = init_model(mc.tiny(vocab_size=512), seed=0)
     dpo.prepare_reference(model, tok, config, resumed=False)
-    assert calls == [8, 8]  # 12 pairs wanted, one per problem, 8 problems per call
+    # 12 pairs wanted, one per problem, 8 problems per call; on a CPU two calls run at once,
+    # so a third may have started beside the second (its rollouts are not used).
+    assert calls[:2] == [8, 8] and len(calls) <= 3
+    sampled = list(calls)
     train_file, _ = dpo.pair_files(config)
     pairs = [json.loads(line) for line in open(train_file)]
     assert len(pairs) == 12 and os.path.dirname(train_file) == str(tmp_path / "demo_data")
@@ -263,4 +266,4 @@ def test_own_rollout_pairs_are_made_once_from_the_initial_policy(tmp_path, monke
     assert batch["inputs"].shape == (8, 320) and batch["ref_logp"].shape == (8,)
     os.remove(tmp_path / dpo.REFERENCE_FILE)
     dpo.prepare_reference(model, tok, config, resumed=False)  # the pairs file is reused
-    assert calls == [8, 8]
+    assert calls == sampled

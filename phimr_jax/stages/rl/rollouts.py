@@ -42,7 +42,8 @@ import numpy as np
 from flax import nnx
 
 from phimr_jax.model.actor_critic import PARAM_LAYOUTS
-from phimr_jax.model.sampling import generate_in_calls, rope_regime
+from phimr_jax.model.sampling import rope_regime
+from phimr_jax.model.sampling_calls import generate_in_calls
 from phimr_jax.model.sharding import RunsTogether, gather_to_every_process
 from phimr_jax.stages.rl import objectives as obj
 from phimr_jax.stages.rl import stabilisers as st
