@@ -5,7 +5,8 @@ Layout under `workdir`: one run directory per stage (`midtrain/`, `sft/`, `dpo/`
 with a `DONE` marker once finished (a rerun skips it; an unfinished stage resumes from its own
 latest checkpoint), `recipe.md` and `recipe.json` (held-out pass@1 after each stage, starting
 with the model stage 1 starts from), `loss_per_stage.png`, `rl_reward_temperature.png`, and
-`hf_model/`: the last stage exported for transformers, with the tokenizer and chat template.
+`hf_model/`: the last stage exported for transformers, with the tokenizer and chat template,
+and `demo_data/<digest>/`: the demo corpus every stage trains on, generated once.
 """
 
 from __future__ import annotations
@@ -125,9 +126,13 @@ def run(config: ConfigDict) -> list:
     for name in config.order:
         if name not in RUNNERS:
             raise ValueError(f"unknown stage {name!r} in order; known: {sorted(RUNNERS)}")
+    for name in config.order:
+        stage = config.stages[name]
+        stage.workdir, stage.seed = os.path.join(root, name), config.seed
+        if stage.get("data") and stage.data.get("demo") and not stage.data.get("demo_dir"):
+            stage.data.demo_dir = os.path.join(root, "demo_data")  # one corpus for all stages
     first = config.stages[config.order[0]]
-    dataset = config.eval.dataset or os.path.join(root, config.order[0], "demo_data",
-                                                  "heldout.jsonl")
+    dataset = config.eval.dataset or _demo_heldout(first)
     evals = _Evaluations(background=bool(config.get("eval_in_background"))
                          and jax.process_count() == 1)
     try:
@@ -151,15 +156,22 @@ def run(config: ConfigDict) -> list:
     return rows
 
 
+def _demo_heldout(first: ConfigDict) -> str:
+    """The held-out file of the demo corpus stage 1 trains on (generated now if need be)."""
+    if not (first.get("data") and first.data.get("demo")):
+        raise ValueError("the held-out problems: set --config.eval.dataset=... (stage 1 does "
+                         "not train on the demo corpus, whose held-out file is the default)")
+    from phimr_jax.stages.distill import demo_paths
+    return demo_paths(first)["heldout"]
+
+
 def _run_stages(config: ConfigDict, root: str, first: ConfigDict, dataset: str,
                 evals) -> list:
     """Each stage in order (skipping finished ones), its evaluation queued after it."""
     previous, started = "", False
     for name in config.order:
-        stage = config.stages[name]
-        stage.workdir = os.path.join(root, name)
+        stage = config.stages[name]  # workdir, seed and demo_dir: set by `run`
         stage.mesh, stage.sharding_rules = config.mesh, config.sharding_rules
-        stage.seed = config.seed
         _share_wandb(config, stage, root)
         if previous:
             stage.init.checkpoint = previous

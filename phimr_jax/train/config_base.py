@@ -125,6 +125,10 @@ def data_config() -> ConfigDict:
     # Demo: generate the synthetic math corpus (and train its sentencepiece tokenizer) in the
     # workdir instead of reading files, so the demo needs no download.
     d.demo = False
+    # Where the demo corpus is generated: "" = workdir/demo_data; DIR = DIR/<digest of the
+    # settings below and the seed>, shared by every run with the same ones (the recipe sets
+    # it for its stages, so the corpus is generated once per recipe, not once per stage).
+    d.demo_dir = ""
     # Demo training problems. 30000 is about one epoch of stage 1 (600 steps x 16 packed rows):
     # the model learns the arithmetic instead of memorising answers. Measured in the recipe
     # (same held-out problems): 4000 problems (~7 epochs) gave stage 1 21.0% and the final model

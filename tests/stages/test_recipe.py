@@ -152,17 +152,24 @@ def test_recipe_seed_reaches_every_stage_and_the_evaluation(tmp_path, monkeypatc
     def fake_stage(name, stage):
         os.makedirs(stage.workdir)
         seen[name] = stage.seed
+        seen.setdefault("corpus", set()).add(stage.data.demo_dir)
     monkeypatch.setattr(recipe, "_run_stage", fake_stage)
     result = {"summary": {"pass@1": 0.5, "stderr": 0.1, "problems": 1, "samples_per_problem": 1,
                           "mean_tokens": 5.0}, "problems": [{"pass@1": 0.5}]}
 
     def fake_eval(ev):
         seen.setdefault("eval", set()).add(ev.seed)
+        seen.setdefault("heldout", set()).add(ev.dataset)
         return result
     monkeypatch.setattr(evaluation, "run", fake_eval)
     monkeypatch.setattr(recipe, "_plot", lambda *a: None)
     monkeypatch.setattr(recipe, "_plot_rl", lambda *a: None)
     rows = recipe.run(config)
+    # One demo corpus for every stage (generated once, with the recipe's seed); the table
+    # scores its held-out file.
+    (corpus,), (heldout,) = seen.pop("corpus"), seen.pop("heldout")
+    assert corpus == str(tmp_path / "demo_data") and os.path.dirname(heldout).startswith(corpus)
+    assert os.listdir(corpus) == [os.path.basename(os.path.dirname(heldout))]
     assert seen == {"midtrain": 2, "sft": 2, "dpo": 2, "rl": 2, "eval": {2}}
     # The demo's table has no start row (a random init); eval_start_row (phi4_mini's default:
     # the base model's score) puts the model stage 1 starts from first.

@@ -223,3 +223,28 @@ def test_padding_free_sft_refuses_several_processes(tmp_path, monkeypatch):
         sft._row_multiple(config)
     config.data.padding_free = False
     assert sft._row_multiple(config) == 1
+
+
+def test_demo_corpus_is_shared_by_runs_with_the_same_settings(tmp_path):
+    """data.demo_dir (the recipe's stages): runs with the same corpus settings and seed find
+    one corpus there, generated once; another seed or size gets its own; without demo_dir
+    each run has its own copy under its workdir."""
+    def config(workdir, **data):
+        c = load("sft", "demo")
+        c.workdir, c.data.demo_dir = str(tmp_path / workdir), str(tmp_path / "shared")
+        c.data.update({**dict(demo_train=60, demo_heldout=8, demo_fresh=8), **data})
+        return c
+    first = distill.demo_paths(config("a"))
+    made = os.path.getmtime(first["train"])
+    assert distill.demo_paths(config("b")) == first  # no second copy
+    assert os.path.getmtime(first["train"]) == made
+    other = distill.demo_paths(config("c", demo_train=61))
+    assert os.path.dirname(other["train"]) != os.path.dirname(first["train"])
+    reseeded = config("d")
+    reseeded.seed = 5
+    assert distill.demo_paths(reseeded)["train"] != first["train"]
+    own = config("e")
+    own.data.demo_dir = ""
+    paths = distill.demo_paths(own)
+    assert paths["train"] == str(tmp_path / "e" / "demo_data" / "train.jsonl")
+    assert open(paths["train"]).read() == open(first["train"]).read()
