@@ -4,7 +4,8 @@
   python -m phimr_jax.main --config=configs/bench.py:forward     # jitted forward vs HF forward
   python -m phimr_jax.main --config=configs/bench.py:train_step  # tokens/s, TFLOP/s, MFU, memory
   python -m phimr_jax.main --config=configs/bench.py:train_step_demo  # the demo recipe's step
-  python -m phimr_jax.main --config=configs/bench.py:all         # the three, one JSON each
+  python -m phimr_jax.main --config=configs/bench.py:sampler_calls  # 1 vs 2 sampler calls at once
+  python -m phimr_jax.main --config=configs/bench.py:all         # the first three, one JSON each
   python -m phimr_jax.main --config=configs/bench.py:device      # the GPU check (BENCHMARKS.md)
   python -m phimr_jax.main --config=configs/bench.py:device_smoke  # the same at toy sizes, CPU
 """
@@ -13,8 +14,8 @@ from ml_collections import ConfigDict
 
 from phimr_jax.train.config_base import base_config
 
-BENCHES = ("sampler", "forward", "train_step", "train_step_demo", "all", "device",
-           "device_smoke")
+BENCHES = ("sampler", "forward", "train_step", "train_step_demo", "sampler_calls", "all",
+           "device", "device_smoke")
 
 # 4 layers, hidden 256, GQA 8/4: the "4-layer model at batch 8" of the perf targets, small
 # enough for this CPU machine. Every bench uses it unless told otherwise.
@@ -88,6 +89,17 @@ def get_config(arg="sampler"):
         c.train_step.scan_layers = False
         c.train_step.dtype = "auto"  # As the demo presets: float32 on CPUs without bf16 units.
         c.train_step.attention_impl = "blockwise"
+    # The demo recipe's sampler calls, one at a time vs two at once (tools/bench_calls.py).
+    c.sampler_calls = ConfigDict()
+    c.sampler_calls.model_preset = "demo"  # The demo recipe's model (random weights).
+    c.sampler_calls.dtype = "auto"  # As the demo presets.
+    c.sampler_calls.prompts = 128  # Prompts in all (4 calls).
+    c.sampler_calls.prompts_per_call = 32  # As RL's demo rollouts: 32 prompts x 8 = 256 rows.
+    c.sampler_calls.samples = 8  # Completions per prompt (RL's group size).
+    c.sampler_calls.min_prompt_len = 30  # Prompt lengths drawn uniformly in this range
+    c.sampler_calls.max_prompt_len = 53  # (the demo's prompts: up to 53 tokens).
+    c.sampler_calls.new_tokens = 160  # Decoded per row (no stop token).
+    c.sampler_calls.repeats = 2  # Timed repetitions of each way, alternating; the best counts.
     if arg in ("device", "device_smoke"):
         c.stage = "bench_device"  # phimr_jax/tools/bench_device.py (see main.py STAGES).
         c.device = device_config(c.train_step, smoke=arg == "device_smoke")

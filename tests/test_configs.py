@@ -9,7 +9,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = {"convert": [None], "export": [None], "init": ["demo", "phi4_mini"],
            "midtrain": ["demo", "phi4_mini"], "sft": ["demo", "phi4_mini"], "generate": [None],
-           "bench": ["sampler", "forward", "train_step", "train_step_demo", "all", "device", "device_smoke"],
+           "bench": ["sampler", "forward", "train_step", "train_step_demo", "sampler_calls", "all",
+                     "device", "device_smoke"],
            "eval": ["math500", "aime", "gpqa", "demo"],
            "dpo": ["demo", "phi4_mini"], "curate": [None, "demo"], "rl": ["demo", "phi4_mini"],
            "recipe": ["demo", "smoke", "phi4_mini"]}

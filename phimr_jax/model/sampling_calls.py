@@ -15,6 +15,7 @@ only hold a second KV cache).
 from __future__ import annotations
 
 import collections
+import contextvars
 import itertools
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, Optional, Sequence
@@ -42,16 +43,30 @@ def in_order(fn: Callable, items: Iterable, workers: Optional[int] = None) -> It
         for item in items:
             yield fn(item)
         return
+    # A worker thread starts without the caller's active mesh (jax.set_mesh) and axis rules
+    # (a context variable): each call runs under both, as it would in the caller's thread.
+    mesh = jax.sharding.get_mesh()
+
+    def submit(item):
+        return pool.submit(contextvars.copy_context().run, _under_mesh, mesh, fn, item)
+
     with ThreadPoolExecutor(workers, thread_name_prefix="sampler-call") as pool:
-        pending = collections.deque(pool.submit(fn, x) for x in itertools.islice(items, workers))
+        pending = collections.deque(submit(x) for x in itertools.islice(items, workers))
         try:
             while pending:
                 yield pending.popleft().result()
                 # The consumer wants more: the next call starts (the one after it is running).
-                pending.extend(pool.submit(fn, x) for x in itertools.islice(items, 1))
+                pending.extend(submit(x) for x in itertools.islice(items, 1))
         finally:
             for future in pending:
                 future.cancel()
+
+
+def _under_mesh(mesh, fn: Callable, item):
+    if mesh.empty:
+        return fn(item)
+    with jax.set_mesh(mesh):
+        return fn(item)
 
 
 def generate_in_calls(model, prompts: Sequence[Sequence[int]], *, prompts_per_call: int,

@@ -25,7 +25,10 @@ sum of every matmul of that pass timed alone with the same shapes and dtype (`ma
 their ratio is what the non-matmul work (norms, softmax, masks, layout copies) costs on top.
 `train_step_demo` runs it on the demo recipe's stage-1 step.
 
-`all`: the three in turn, one JSON each plus bench_all.json.
+`sampler_calls`: the demo's sampler calls one at a time against two at once
+(`tools/bench_calls.py`).
+
+`all`: sampler, forward and train_step in turn, one JSON each plus bench_all.json.
 """
 
 from __future__ import annotations
@@ -345,8 +348,13 @@ def bench_all(config: ConfigDict) -> dict:
     return results
 
 
+def bench_sampler_calls(config: ConfigDict) -> dict:
+    from phimr_jax.tools.bench_calls import bench_sampler_calls as bench
+    return bench(config)
+
+
 BENCHES = {"sampler": bench_sampler, "forward": bench_forward, "train_step": bench_train_step,
-           "all": bench_all}
+           "sampler_calls": bench_sampler_calls, "all": bench_all}
 
 
 def _report(name: str, result: dict, workdir: str) -> None:

@@ -101,3 +101,19 @@ def test_in_order_overlaps_calls_keeps_order_and_stops_lazily():
         return i
     with pytest.raises(ValueError, match="call 2"):
         list(in_order(fails_at_2, range(5), workers=2))
+
+
+def test_calls_run_under_the_callers_mesh_and_axis_rules():
+    """A worker thread starts without the caller's jax.set_mesh and axis rules; each call
+    gets both, so a sampler call shards its rows as it would in the caller's thread."""
+    from phimr_jax.model.sharding import axis_rules, current_rules, make_mesh
+
+    def probe(_):
+        mesh = jax.sharding.get_abstract_mesh()
+        return (None if mesh.empty else dict(mesh.shape)), current_rules()
+    rules = (("batch", "data"), ("length", None))
+    mesh = make_mesh({"data": 4, "fsdp": 2, "tensor": 1})
+    with jax.set_mesh(mesh), axis_rules(rules):
+        seen = list(in_order(probe, range(3), workers=2))
+    assert seen == [({"data": 4, "fsdp": 2, "tensor": 1}, rules)] * 3
+    assert list(in_order(probe, range(2), workers=2))[0][0] is None  # none active: none given

@@ -118,3 +118,15 @@ def test_train_step_bench_reports_the_matmul_floor(tmp_path):
     out = bench.run(_config("train_step", tmp_path))
     assert out["summed_matmul_s"] > 0 and out["fwd_bwd_s"] > 0
     assert out["fwd_bwd_over_matmuls"] == pytest.approx(out["fwd_bwd_s"] / out["summed_matmul_s"])
+
+
+def test_sampler_calls_bench_compares_one_and_two_calls_at_once(tmp_path):
+    """The demo's sampler calls one at a time vs two at once: both timed, same rows."""
+    c = load("bench", "sampler_calls")
+    c.workdir = str(tmp_path)
+    c.sampler_calls.update(prompts=6, prompts_per_call=2, samples=2, new_tokens=4, repeats=1,
+                           min_prompt_len=3, max_prompt_len=9)
+    out = bench.run(c)
+    assert out["same_tokens_and_logprobs"] and out["rows"] == 12 and out["rows_per_call"] == 4
+    assert out["one_at_a_time_s"] > 0 and out["two_at_once_s"] > 0 and out["speedup"] > 0
+    assert json.load(open(tmp_path / "bench_sampler_calls.json"))["rows"] == 12
