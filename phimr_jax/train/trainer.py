@@ -214,6 +214,12 @@ def _train(config, stage, workdir, mesh, rules) -> dict:
     params_sh = nnx.to_pure_dict(sharding.state_shardings(abstract_state, mesh, rules))
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     opt_sh = _opt_shardings(abstract_opt, params_sh, abstract_params, mesh)
+    if isinstance(dataset, grain.IterDataset):
+        # Batches are made (featurised, packed, batched) in a background thread while the
+        # step computes: stage 1's packing took ~16 ms of the main thread per step, with
+        # the computation waiting on it (BENCHMARKS.md, "Session 21"). Same batches, and
+        # the iterator state saved with a checkpoint is that of the last batch taken.
+        dataset = grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=2)
     data_iter = iter(dataset)
     info = {"model": model.config.to_dict(), "stage": stage.name, "tokenizer_dir": tokenizer_dir,
             "init": source, "data_stats": stats, "param_layout": stage.param_layout}
@@ -367,6 +373,9 @@ class _Loop:
             self.mngr.wait_until_finished()
             self.mngr.close()
             self.writer.close()
+            close = getattr(self.data_iter, "close", None)
+            if close is not None:  # stops the prefetch threads
+                close()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
         if preempted_at is not None:

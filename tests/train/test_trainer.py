@@ -169,9 +169,10 @@ def test_sigterm_saves_and_raises_preempted_so_nothing_after_the_stage_runs(tmp_
     stage = _stage(batches)
     make_data = stage.make_data
 
-    class TermAtThirdBatch(grain.IterDataset):
+    class TermAtThirdBatch:  # not a grain IterDataset, which the trainer would prefetch in a
+        # thread: the signal comes as the trainer takes the third batch, i.e. during step 3
         def __init__(self, parent):
-            super().__init__(parent)
+            self._parent = parent
 
         def __iter__(self):
             inner = iter(self._parent)
@@ -227,3 +228,42 @@ def test_resume_is_bit_exact(tmp_path):
     for name in ("embed", "q", "down", "final_norm"):
         np.testing.assert_array_equal(np.asarray(getattr(ma, name)[...]),
                                       np.asarray(getattr(mb, name)[...]))
+
+
+def test_batches_are_made_in_a_background_thread_and_its_threads_stop(tmp_path):
+    """A grain dataset's batches are made by a prefetch thread while the step computes (the
+    main thread only takes them); the losses are those of the batches in order, and the
+    prefetch thread is gone when the stage returns."""
+    import threading
+    batches = _batches(4)
+    stage = _stage(batches)
+    make_data = stage.make_data
+    makers = set()
+
+    def record(batch):
+        makers.add(threading.current_thread().name)
+        return batch
+
+    def recorded_data(config, tok):
+        data, stats = make_data(config, tok)
+        return data.map(record), stats
+    stage.make_data = recorded_data
+    trainer.train(_config(tmp_path / "prefetched", 4), stage)
+    assert makers and threading.main_thread().name not in makers
+    assert not [t for t in threading.enumerate() if t.name.startswith("grain-thread-prefetch")]
+    # Same losses as the batches taken in the main thread (a plain iterable is not prefetched).
+    plain = _stage(batches)
+    plain_make = plain.make_data
+
+    class Plain:
+        def __init__(self, data):
+            self.data = data
+
+        def __iter__(self):
+            return iter(self.data)
+    plain.make_data = lambda config, tok: (Plain(plain_make(config, tok)[0]),
+                                           {"rows_per_epoch": 4})
+    trainer.train(_config(tmp_path / "plain", 4), plain)
+    losses_of = lambda d: [r["loss"] for r in read_metrics(str(d)) if "loss" in r]
+    assert losses_of(tmp_path / "prefetched") == losses_of(tmp_path / "plain")
+    assert len(losses_of(tmp_path / "plain")) == 4
