@@ -57,7 +57,7 @@ def _check_export_generates_like_our_sampler(hf_dir, run_dir, torch):
 
 @pytest.mark.slow
 def test_demo_recipe_chains_four_stages_exports_and_skips_finished_ones(tmp_path, torch_cpu):
-    """The README's main command as it is (the demo preset: 10.5-12 minutes on 2 Zen 4 cores
+    """The README's main command as it is (the demo preset: 9.5-10 minutes on 2 Zen 4 cores
     in bfloat16, about 20 on 2 AVX2 cores in float32)."""
     args = ["--config=configs/recipe.py", f"--config.workdir={tmp_path}"]
     _run(*args, timeout=3600)  # up to 22 min on a 2-core machine (README)
