@@ -5,11 +5,11 @@ Why two at once: one sampler call leaves much of a 2-core CPU idle (its decode s
 of small kernels, many of them single-threaded), and a second call fills it. Measured on the
 demo model (2 CPU cores, calls of 256 rows x 160 steps, `BENCHMARKS.md`, "Session 21"): four
 calls took 19.5-21.2 s one after the other and 11.3-12.9 s two at a time (1.64-1.73x;
-`configs/bench.py:sampler_calls`: 1.53x), with the same tokens and log-probs to the bit: each call is the same computation on the same
-inputs, whatever runs beside it. Two at once only where that holds and helps: one process
-(across processes every call's collectives must start in the same order everywhere) on the
-CPU backend (an accelerator runs a device's work in order anyway, and a second call would
-only hold a second KV cache).
+`configs/bench.py:sampler_calls`: 1.53x), with the same tokens and log-probs to the bit: each
+call is the same computation on the same inputs, whatever runs beside it. Two at once only
+where that holds and helps: one process (across processes every call's collectives must start
+in the same order everywhere) on the CPU backend (an accelerator runs a device's work in order
+anyway, and a second call would only hold a second KV cache).
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ def demo_paths(config: ConfigDict) -> dict:
     """Generate (once, deterministically) the demo corpus: under workdir/demo_data, or with
     `data.demo_dir` under DIR/<digest of the generation settings and seed>, where every run
     with the same settings finds it (the recipe's stages: one corpus instead of four copies,
-    3-5 s each)."""
+    3-6 s each)."""
     settings = dict(n_train=config.data.demo_train, n_heldout=config.data.demo_heldout,
                     n_fresh=config.data.get("demo_fresh", 0), seed=config.seed,
                     shortcut_fraction=config.data.get("demo_shortcut_fraction", 0.0),

@@ -126,7 +126,6 @@ def run(config: ConfigDict) -> list:
     for name in config.order:
         if name not in RUNNERS:
             raise ValueError(f"unknown stage {name!r} in order; known: {sorted(RUNNERS)}")
-    for name in config.order:
         stage = config.stages[name]
         stage.workdir, stage.seed = os.path.join(root, name), config.seed
         if stage.get("data") and stage.data.get("demo") and not stage.data.get("demo_dir"):
